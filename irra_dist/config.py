@@ -1,0 +1,464 @@
+"""Typed run configuration: one dataclass per concern, loaded from a YAML recipe plus dotted overrides.
+
+A recipe is a YAML mapping whose top-level keys are the sections below (``model``, ``data``, ``loss``,
+``optim``, ``train``, ``eval``, ``logging``). Command-line overrides use dotted keys, e.g.
+``train.batch_size=32``. Unknown keys, wrong types and invalid values raise :class:`ConfigError` with one
+line that names the key and what is expected.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tempfile
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A recipe or override that cannot be used; the message is one line naming the key."""
+
+
+LOSS_NAMES = ("sdm", "itc", "cmpm", "id", "mlm")
+
+
+@dataclass
+class ModelConfig:
+    """The IRRA model: CLIP towers (pretrained or random init) plus the IRR module and ID classifier."""
+
+    pretrained: str = "ViT-B/16"
+    """OpenAI CLIP name (looked up as ~/.cache/clip/<file>), a checkpoint path, or "none" for random init."""
+    verify_checksum: bool = False
+    """Check the CLIP file's SHA-256 against OpenAI's published value (slow for large files)."""
+    image_size: tuple[int, int] = (384, 128)
+    """Input (height, width); the positional grid is interpolated to it."""
+    stride_size: int = 16
+    # Tower sizes used only when pretrained == "none" (otherwise read from the checkpoint).
+    embed_dim: int = 512
+    patch_size: int = 16
+    vision_width: int = 768
+    vision_layers: int = 12
+    vision_heads: int = 12
+    text_width: int = 512
+    text_layers: int = 12
+    text_heads: int = 8
+    context_length: int = 77
+    vocab_size: int = 49408
+    cmt_depth: int = 4
+    """Layers of the cross-modal transformer in the IRR module."""
+    temperature: float = 0.02
+    """Fixed SDM/ITC temperature; logit scale = 1 / temperature (50 in the paper), not learned."""
+    grad_checkpointing: bool = False
+    """Activation checkpointing in both towers: less memory, about a third more compute."""
+    mlm_logits_at_masked_only: bool = True
+    """Compute the 49408-way MLM head only at masked positions (same loss, far less memory)."""
+
+    def __post_init__(self) -> None:
+        _require(len(self.image_size) == 2 and min(self.image_size) > 0, "model.image_size",
+                 "two positive integers [height, width]")
+        _require(self.temperature > 0, "model.temperature", "a positive number")
+        _require(self.cmt_depth >= 1, "model.cmt_depth", "an integer >= 1")
+        for name in ("stride_size", "patch_size", "embed_dim", "vision_width", "vision_layers",
+                     "vision_heads", "text_width", "text_layers", "text_heads", "context_length",
+                     "vocab_size"):
+            _require(getattr(self, name) > 0, f"model.{name}", "a positive integer")
+
+
+@dataclass
+class DataConfig:
+    """Where the shards are and how training samples are drawn from them."""
+
+    shards: str = "shards/demo"
+    """Folder holding manifest.json and the tar shards (built by irra-build-shards)."""
+    num_workers: int = 4
+    """Data-loader worker processes per rank (decode, augmentation, tokenisation, masking)."""
+    image_aug: bool = True
+    """Official train augmentation: flip, pad+crop, random erasing (IRRA_SPEC 3.4)."""
+    sampler: Literal["random", "identity"] = "random"
+    """"random": a seeded permutation of all captions; "identity": P identities x K captions per batch."""
+    num_instances: int = 4
+    """K, captions per identity in a global batch when sampler == "identity"."""
+    drop_last: bool = False
+    """Drop the last partial global batch (the official loader keeps it)."""
+    mlm: bool = True
+    """Produce masked captions and MLM labels (needed by the mlm loss)."""
+    mask_global_text: bool = True
+    """Feed the masked caption to SDM/ID too, as the official code does through an aliasing bug."""
+    build_demo_if_missing: bool = False
+    """Generate the synthetic demo dataset and its shards when `shards` has no manifest."""
+
+    def __post_init__(self) -> None:
+        _require(self.num_workers >= 0, "data.num_workers", "an integer >= 0")
+        _require(self.num_instances >= 1, "data.num_instances", "an integer >= 1")
+
+
+@dataclass
+class LossConfig:
+    """Which losses are summed, and their weights."""
+
+    names: list[str] = field(default_factory=lambda: ["sdm", "id", "mlm"])
+    """Any of sdm, itc, cmpm, id, mlm."""
+    sdm_weight: float = 1.0
+    itc_weight: float = 1.0
+    cmpm_weight: float = 1.0
+    id_weight: float = 1.0
+    mlm_weight: float = 1.0
+    global_batch: bool = True
+    """Gather features across ranks so SDM/ITC/CMPM span the global batch (False: per-rank, like the
+    official DDP path)."""
+
+    def __post_init__(self) -> None:
+        unknown = [n for n in self.names if n not in LOSS_NAMES]
+        _require(not unknown and len(self.names) > 0, "loss.names",
+                 f"a non-empty list drawn from {list(LOSS_NAMES)}, got {self.names}")
+
+
+@dataclass
+class OptimConfig:
+    """Optimizer and learning-rate schedule (IRRA_SPEC 4.1-4.2)."""
+
+    optimizer: Literal["adam", "adamw", "sgd"] = "adam"
+    lr: float = 1e-5
+    bias_lr_factor: float = 2.0
+    lr_factor: float = 5.0
+    """Multiplier for the new modules (cross-modal, classifier, MLM head)."""
+    weight_decay: float = 4e-5
+    weight_decay_bias: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-3
+    """Adam epsilon; the official 1e-3 matters for stability."""
+    momentum: float = 0.9
+    scheduler: Literal["cosine", "step", "constant"] = "cosine"
+    warmup_epochs: int = 5
+    warmup_factor: float = 0.1
+    warmup_method: Literal["linear", "constant"] = "linear"
+    target_lr: float = 0.0
+    milestones: list[int] = field(default_factory=lambda: [20, 50])
+    gamma: float = 0.1
+    step_per: Literal["epoch", "step"] = "epoch"
+    """"epoch": the official per-epoch steps; "step": the same curve sampled at every optimizer step."""
+    grad_clip: float = 0.0
+    """Clip the global gradient norm to this value; 0 turns clipping off (official)."""
+
+    def __post_init__(self) -> None:
+        _require(self.lr > 0, "optim.lr", "a positive number")
+        _require(self.eps > 0, "optim.eps", "a positive number")
+        _require(self.weight_decay >= 0, "optim.weight_decay", "a number >= 0")
+        _require(self.warmup_epochs >= 0, "optim.warmup_epochs", "an integer >= 0")
+        _require(0 < self.warmup_factor <= 1, "optim.warmup_factor", "a number in (0, 1]")
+        _require(self.grad_clip >= 0, "optim.grad_clip", "a number >= 0 (0 disables clipping)")
+
+
+@dataclass
+class TrainConfig:
+    """The training loop."""
+
+    num_epochs: int = 60
+    batch_size: int = 64
+    """Per-device batch; the global batch is batch_size x processes x grad_accum_steps."""
+    grad_accum_steps: int = 1
+    seed: int = 1
+    mixed_precision: Literal["auto", "no", "fp16", "bf16"] = "auto"
+    """"auto": bf16 on a GPU that supports it, else fp16 on GPU, fp32 on CPU."""
+    compile: bool = False
+    """torch.compile the model."""
+    output_dir: str = "runs"
+    run_name: str = ""
+    """Run folder name under output_dir; empty means <timestamp>_<recipe name>."""
+    log_period: int = 100
+    """Optimizer steps between console log lines."""
+    checkpoint_every_steps: int = 0
+    """Also save `last` every N optimizer steps (0: only at the end of each epoch)."""
+    max_steps: int = 0
+    """Stop after this many optimizer steps (0: no limit); for smoke tests."""
+    max_nonfinite_steps: int = 10
+    """Stop when this many consecutive steps have a non-finite loss."""
+
+    def __post_init__(self) -> None:
+        for name in ("num_epochs", "batch_size", "grad_accum_steps", "log_period"):
+            _require(getattr(self, name) >= 1, f"train.{name}", "an integer >= 1")
+        for name in ("checkpoint_every_steps", "max_steps"):
+            _require(getattr(self, name) >= 0, f"train.{name}", "an integer >= 0")
+        _require(self.max_nonfinite_steps >= 1, "train.max_nonfinite_steps", "an integer >= 1")
+
+
+@dataclass
+class EvalConfig:
+    """Retrieval evaluation during and after training."""
+
+    eval_period: int = 1
+    """Evaluate every N epochs (0: never during training)."""
+    split: Literal["test", "val"] = "test"
+    """Split used for evaluation and best-checkpoint selection; the official code selects on test."""
+    batch_size: int = 512
+    chunk_size: int = 1024
+    """Queries scored at a time: bounds metric memory to chunk_size x gallery size."""
+    i2t: bool = False
+    """Also report image-to-text metrics."""
+
+    def __post_init__(self) -> None:
+        _require(self.eval_period >= 0, "eval.eval_period", "an integer >= 0")
+        _require(self.batch_size >= 1, "eval.batch_size", "an integer >= 1")
+        _require(self.chunk_size >= 1, "eval.chunk_size", "an integer >= 1")
+
+
+@dataclass
+class LoggingConfig:
+    """Experiment tracking."""
+
+    wandb: bool = True
+    project: str = "irra_dist"
+    entity: str = ""
+    wandb_mode: Literal["auto", "online", "offline"] = "auto"
+    """"auto": online when credentials exist and the service answers, otherwise offline."""
+
+
+@dataclass
+class Config:
+    """A whole run: every section plus the recipe's name."""
+
+    name: str = "irra"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def __post_init__(self) -> None:
+        if "mlm" in self.loss.names and not self.data.mlm:
+            raise ConfigError("loss.names contains 'mlm' but data.mlm is false: set data.mlm=true "
+                              "or drop mlm from loss.names")
+
+    def to_dict(self) -> dict[str, Any]:
+        return _to_plain(dataclasses.asdict(self))
+
+
+# --------------------------------------------------------------------------------------------------
+# Loading
+
+
+def _require(ok: bool, key: str, expected: str) -> None:
+    if not ok:
+        raise ConfigError(f"invalid value for '{key}': expected {expected}")
+
+
+def _to_plain(value: Any) -> Any:
+    """Tuples become lists so the YAML dump stays plain (no !!python/tuple tags)."""
+    if isinstance(value, dict):
+        return {k: _to_plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_to_plain(v) for v in value]
+    return value
+
+
+def _describe(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (list, tuple):
+        args = typing.get_args(tp)
+        inner = _describe(args[0]) if args else "value"
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            return f"a list of {len(args)} values, each {inner}"
+        return f"a list, each item {inner}"
+    return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(
+        tp, getattr(tp, "__name__", str(tp)))
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check `value` against the annotation `tp`, converting where YAML is looser (int -> float)."""
+    origin = typing.get_origin(tp)
+    bad = ConfigError(f"wrong type for '{key}': expected {_describe(tp)}, got {value!r}")
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            raise bad
+        return value
+    if origin in (list, tuple):
+        if isinstance(value, str) or not isinstance(value, (list, tuple)):
+            raise bad
+        args = typing.get_args(tp)
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            if len(value) != len(args):
+                raise bad
+            return tuple(_coerce(v, a, key) for v, a in zip(value, args))
+        inner = args[0] if args else Any
+        items = [_coerce(v, inner, key) for v in value]
+        return tuple(items) if origin is tuple else items
+    if origin in (typing.Union, types.UnionType):
+        for arg in typing.get_args(tp):
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError:
+                continue
+        raise bad
+    if tp is Any:
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise bad
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise bad
+        return value
+    if tp is float:
+        if isinstance(value, str):
+            # YAML 1.1 reads "2e-5" (no dot) as a string; accept it as the number it plainly is.
+            try:
+                return float(value)
+            except ValueError:
+                raise bad from None
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise bad
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise bad
+        return value
+    raise bad
+
+
+def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"'{prefix or 'recipe'}' must be a mapping of keys to values, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        dotted = f"{prefix}.{key}" if prefix else str(key)
+        if key not in fields:
+            known = ", ".join(sorted(fields))
+            raise ConfigError(f"unknown config key '{dotted}' (known keys here: {known})")
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            kwargs[key] = _build(tp, value if value is not None else {}, dotted)
+        else:
+            kwargs[key] = _coerce(value, tp, dotted)
+    try:
+        return cls(**kwargs)
+    except ConfigError as err:
+        # Section validators name keys without the recipe prefix; nothing to add.
+        raise err
+
+
+def _parse_override_value(text: str) -> Any:
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def _apply_override(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"cannot set '{dotted}': '{part}' is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_overrides(items: list[str]) -> list[tuple[str, Any]]:
+    """Turn ``["train.batch_size=32", ...]`` into ``[("train.batch_size", 32), ...]``."""
+    pairs = []
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key or any(not p for p in key.split(".")):
+            raise ConfigError(f"cannot read override '{item}': write it as section.key=value, "
+                              "e.g. train.batch_size=32")
+        pairs.append((key, _parse_override_value(raw)))
+    return pairs
+
+
+RECIPES_DIR = Path(__file__).resolve().parents[1] / "configs"
+"""The repository's recipe folder: `--config demo` means configs/demo.yaml."""
+
+
+def resolve_recipe(name_or_path: str | os.PathLike) -> Path:
+    """A recipe file path, or a recipe name looked up in the repository's configs/ folder."""
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    for candidate in (RECIPES_DIR / path.name, RECIPES_DIR / f"{path.name}.yaml"):
+        if path.parent == Path(".") and candidate.is_file():
+            return candidate
+    known = ", ".join(sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))) or "none"
+    raise ConfigError(f"config file not found: {name_or_path} (pass a YAML path or a recipe name: {known})")
+
+
+def _merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in top.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def read_yaml(path: str | os.PathLike, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """Read a recipe; a top-level `base: other.yaml` (relative to this file) is merged underneath it."""
+    path = resolve_recipe(path).resolve()
+    if path in _seen:
+        raise ConfigError(f"config file {path} includes itself through 'base': remove the cycle")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"config file {path} is not valid YAML{where}: fix its syntax") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of sections, got {type(data).__name__}")
+    base = data.pop("base", None)
+    if base is None:
+        return data
+    if not isinstance(base, str):
+        raise ConfigError(f"wrong type for 'base' in {path}: expected a recipe file name, got {base!r}")
+    base_path = path.parent / base
+    if not base_path.is_file():
+        raise ConfigError(f"base recipe not found: {base_path} (named by 'base' in {path})")
+    return _merge(read_yaml(base_path, _seen + (path,)), data)
+
+
+def config_from_dict(data: dict[str, Any], overrides: list[str] | None = None) -> Config:
+    """Build a validated :class:`Config` from a nested mapping plus dotted overrides."""
+    tree = _to_plain(data)
+    for key, value in parse_overrides(overrides or []):
+        _apply_override(tree, key, value)
+    return _build(Config, tree, "")
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> Config:
+    """Load a recipe (or the defaults when `path` is None) and apply dotted overrides."""
+    data = read_yaml(path) if path is not None else {}
+    return config_from_dict(data, overrides)
+
+
+def dump_config(cfg: Config) -> str:
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False, default_flow_style=None)
+
+
+def save_config(cfg: Config, path: str | os.PathLike) -> None:
+    """Write the resolved config atomically (temporary name, then rename)."""
+    atomic_write_text(path, dump_config(cfg))
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

@@ -1,0 +1,1 @@
+"""The training engine: Accelerate/DeepSpeed trainer, evaluation loop, checkpoints, tracking."""

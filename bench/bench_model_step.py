@@ -1,0 +1,254 @@
+"""One IRRA training step (forward + backward of SDM + ID + MLM) on the CPU: irra_dist vs the naive model.
+
+Both variants are the same IRRA model with the same weights at a small configuration (width 256, 4 image
+and 4 text layers, cross-modal depth 4, image 192x64, batch 16, 77 tokens, the real 49,408-token
+vocabulary so that the MLM head costs what it costs in IRRA):
+
+- ``irra_dist``: attention through ``F.scaled_dot_product_attention``, MLM head only at the masked
+  positions, one text-tower pass (the official aliasing caption_ids == mlm_ids);
+- ``naive`` (the baseline, the official computation): explicit softmax attention as nn.MultiheadAttention
+  did in PyTorch 1.9, MLM head at all B*77 positions, and the text tower run twice (once for the global
+  feature, once for the IRR branch; here as one pass over the 2B stacked rows).
+
+Rows: median step time (zero_grad, forward, losses, backward; no optimizer step), the peak memory of the step,
+and the peak memory of the MLM head alone (head + cross-entropy, forward and backward, from the fused
+[B*77, D] features). Peak memory is MEASURED as the growth of the process's resident set (VmHWM after
+resetting it through /proc/self/clear_refs, minus VmRSS just before), with glibc's mmap threshold pinned
+so that freed tensors return to the OS; parameter gradients are allocated beforehand, so the figure is
+activation memory. The analytic size of the fp32 logits is reported beside it. Each measurement runs in
+a fresh subprocess; the loss of both variants is printed to show they compute the same thing.
+
+Usage: python bench/bench_model_step.py [--quick] [--json PATH] [--threads N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+CLIP_SIZES = dict(embed_dim=256, image_size=(192, 64), patch_size=16, stride_size=16, vision_width=256,
+                  vision_layers=4, vision_heads=4, context_length=77, vocab_size=49408, text_width=256,
+                  text_heads=4, text_layers=4)
+CMT_DEPTH = 4
+BATCH_SIZE = 16
+NUM_CLASSES = 11003  # CUHK-PEDES training identities
+VARIANTS = {
+    "irra_dist": {"attn_impl": "sdpa", "mlm_logits_at_masked_only": True, "mask_global_text": True},
+    "naive": {"attn_impl": "math", "mlm_logits_at_masked_only": False, "mask_global_text": False},
+}
+BASELINE = "naive"
+STEPS = {True: (1, 2), False: (2, 10)}  # (warm-up, timed) steps for quick / full runs
+# Pin glibc's mmap threshold: large tensors are then mmapped and unmapped on free, so RSS tracks them.
+MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "131072"}
+
+
+def _kib(path: str, field: str) -> int:
+    """A ``Field:  N kB`` entry of a /proc file (Linux only)."""
+    for line in Path(path).read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"{field} missing from {path}")
+
+
+def _reset_peak() -> int:
+    """Reset VmHWM to the current RSS and return the current RSS in bytes."""
+    Path("/proc/self/clear_refs").write_text("5")
+    return _kib("/proc/self/status", "VmRSS") * 1024
+
+
+def _peak_growth(base: int) -> int:
+    return max(_kib("/proc/self/status", "VmHWM") * 1024 - base, 0)
+
+
+def _make_batch():
+    """Synthetic captions of 15..45 words, masked with the official 15/80/10/10 rule (irra_dist.masking)."""
+    import torch
+
+    from irra_dist.masking import mask_tokens
+    from irra_dist.tokenizer import EOT_ID, MASK_ID, SOT_ID
+
+    gen = torch.Generator().manual_seed(0)
+    length = CLIP_SIZES["context_length"]
+    caption = torch.zeros(BATCH_SIZE, length, dtype=torch.long)
+    words = torch.randint(15, 46, (BATCH_SIZE,), generator=gen)
+    for row, n in enumerate(words.tolist()):
+        caption[row, 0] = SOT_ID
+        caption[row, 1:n + 1] = torch.randint(1, MASK_ID, (n,), generator=gen)
+        caption[row, n + 1] = EOT_ID
+    masked = [mask_tokens(c, generator=gen) for c in caption]
+    mlm_ids = torch.stack([m for m, _ in masked])
+    labels = torch.stack([lab for _, lab in masked])
+    # The official batch: caption_ids aliases mlm_ids (IRRA_SPEC 3.3).
+    return {"images": torch.randn(BATCH_SIZE, 3, *CLIP_SIZES["image_size"], generator=gen),
+            "caption_ids": mlm_ids, "mlm_ids": mlm_ids, "mlm_labels": labels,
+            "pids": torch.arange(BATCH_SIZE) // 2}
+
+
+def _build(variant: str):
+    import torch
+
+    from irra_dist.model import build_irra
+
+    torch.manual_seed(0)  # same weights for both variants
+    return build_irra(NUM_CLASSES, cmt_depth=CMT_DEPTH, **VARIANTS[variant], **CLIP_SIZES)
+
+
+def _worker(variant: str, quick: bool) -> dict:
+    """Measure one variant: the MLM head alone first, then full training steps."""
+    model = _build(variant).train()
+    batch = _make_batch()
+    return {"head": _measure_mlm_head(model, batch, variant), "step": _measure_step(model, batch, quick)}
+
+
+def _measure_step(model, batch: dict, quick: bool) -> dict:
+    """Median time of full training steps and the peak memory of one step."""
+    from irra_dist.losses import irra_losses
+
+    def step() -> float:
+        model.zero_grad(set_to_none=False)  # keep gradient buffers: the peak is then activations only
+        loss = sum(irra_losses(model(batch), batch, ("sdm", "id", "mlm")).values())
+        loss.backward()
+        return loss.item()
+
+    warmup, timed = STEPS[quick]
+    for _ in range(warmup):
+        step()
+    times = []
+    for _ in range(timed):
+        start = time.perf_counter()
+        loss = step()
+        times.append(time.perf_counter() - start)
+    base = _reset_peak()
+    step()
+    return {"seconds": statistics.median(times), "all_seconds": times, "peak_bytes": _peak_growth(base),
+            "loss": loss, "masked_positions": int((batch["mlm_labels"] != 0).sum())}
+
+
+def _measure_mlm_head(model, batch: dict, variant: str) -> dict:
+    """Peak memory and time of the MLM head + cross-entropy (forward and backward) from fused features."""
+    import torch
+    import torch.nn.functional as F
+
+    head = model.mlm_head
+    labels = batch["mlm_labels"].reshape(-1)
+    fused = torch.randn(labels.shape[0], CLIP_SIZES["embed_dim"], generator=torch.Generator().manual_seed(1),
+                        requires_grad=True)
+    masked_only = VARIANTS[variant]["mlm_logits_at_masked_only"]
+
+    def head_step() -> None:
+        head.zero_grad(set_to_none=False)
+        x, y = (fused[labels != 0], labels[labels != 0]) if masked_only else (fused, labels)
+        F.cross_entropy(head(x), y, ignore_index=0).backward()
+
+    head_step()  # allocates the parameter gradients outside the measurement
+    fused.grad = None
+    model.zero_grad(set_to_none=True)
+    base = _reset_peak()
+    start = time.perf_counter()
+    head_step()
+    seconds = time.perf_counter() - start
+    positions = int((labels != 0).sum()) if masked_only else labels.shape[0]
+    return {"peak_bytes": _peak_growth(base), "seconds": seconds,
+            "logits_bytes": positions * CLIP_SIZES["vocab_size"] * 4, "positions": positions}
+
+
+def _measure(variant: str, quick: bool, threads: int) -> dict:
+    """Run a worker in a fresh interpreter so that peaks and caches never leak between measurements."""
+    repo = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, **MALLOC_ENV, PYTHONPATH=f"{repo}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "result.json"
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", variant, str(int(quick)),
+               str(threads), str(out)]
+        subprocess.run(cmd, check=True, env=env, cwd=repo)
+        return json.loads(out.read_text())
+
+
+def run(quick: bool, threads: int = 1) -> list[dict]:
+    """Measure both variants; rows carry ``value`` (irra_dist), ``baseline`` (naive) and ``ratio``.
+
+    Args:
+        quick: fewer timed steps (1 warm-up + 2 timed instead of 2 + 10); well under a minute.
+        threads: torch intra-op threads in each worker (1 keeps timings stable on a shared machine).
+
+    Returns:
+        Rows with ``name``, ``value``, ``unit``, ``baseline``, ``ratio`` (baseline / value: above 1 means
+        irra_dist is faster or smaller), plus ``method`` and details.
+    """
+    results = {v: _measure(v, quick, threads) for v in VARIANTS}
+    step = {v: r["step"] for v, r in results.items()}
+    head = {v: r["head"] for v, r in results.items()}
+    ours, base = "irra_dist", BASELINE
+    common = {"threads": threads, "batch_size": BATCH_SIZE, "config": "w256 4+4 layers cmt4 192x64 V49408",
+              "loss": step[ours]["loss"], "baseline_loss": step[base]["loss"],
+              "masked_positions": step[ours]["masked_positions"]}
+
+    def row(name: str, value: float, baseline: float, unit: str, method: str, **extra) -> dict:
+        return {"name": name, "value": value, "unit": unit, "baseline": baseline,
+                "ratio": baseline / value if value > 0 else None, "method": method, **common, **extra}
+
+    mib = 2.0 ** -20
+    return [
+        row("train step fwd+bwd (median)", step[ours]["seconds"], step[base]["seconds"], "s",
+            f"wall clock, median of {STEPS[quick][1]} steps after {STEPS[quick][0]} warm-up",
+            step_seconds=step[ours]["all_seconds"], baseline_step_seconds=step[base]["all_seconds"]),
+        row("train step peak activations", step[ours]["peak_bytes"] * mib, step[base]["peak_bytes"] * mib,
+            "MiB", "measured: resident-set growth during one step"),
+        row("MLM head fwd+bwd peak", head[ours]["peak_bytes"] * mib, head[base]["peak_bytes"] * mib, "MiB",
+            f"measured: resident-set growth, {head[ours]['positions']} vs {head[base]['positions']} "
+            "positions"),
+        row("MLM logits size (analytic)", head[ours]["logits_bytes"] * mib, head[base]["logits_bytes"] * mib,
+            "MiB", "computed: positions x 49408 x 4 bytes"),
+        row("MLM head fwd+bwd time", head[ours]["seconds"], head[base]["seconds"], "s",
+            "wall clock, one call"),
+    ]
+
+
+def _print_table(rows: list[dict]) -> None:
+    def fmt(x: float | None) -> str:
+        return "n/a" if x is None else f"{x:.3g}" if abs(x) < 1000 else f"{x:.0f}"
+
+    header = f"{'measurement':<32} {'irra_dist':>10} {'naive':>10} {'ratio':>7} {'unit':>5}  method"
+    print(header)
+    print("-" * len(header))
+    for r in rows:
+        print(f"{r['name']:<32} {fmt(r['value']):>10} {fmt(r['baseline']):>10} {fmt(r['ratio']):>7} "
+              f"{r['unit']:>5}  {r['method']}")
+    first = rows[0]
+    print(f"ratio = naive / irra_dist; {first['config']}, batch {first['batch_size']}, "
+          f"{first['masked_positions']} masked positions, {first['threads']} thread(s); "
+          f"loss {first['loss']:.5f} (irra_dist) vs {first['baseline_loss']:.5f} (naive)")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Command line: print the table, optionally write the rows as JSON."""
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--worker"]:
+        variant, quick, threads, out = argv[1:]
+        import torch
+
+        torch.set_num_threads(int(threads))
+        Path(out).write_text(json.dumps(_worker(variant, bool(int(quick)))))
+        return
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer timed steps, well under a minute")
+    parser.add_argument("--json", type=Path, help="write the rows to this JSON file")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per worker (default 1)")
+    args = parser.parse_args(argv)
+    rows = run(args.quick, args.threads)
+    _print_table(rows)
+    if args.json:
+        tmp = args.json.with_name(args.json.name + ".tmp")
+        tmp.write_text(json.dumps(rows, indent=2))
+        tmp.replace(args.json)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,532 @@
+"""Train and evaluation loaders over the shards, with global batches that do not depend on the process count.
+
+Training (:class:`TrainLoader`):
+
+- A training sample is one caption of one image (IRRA_SPEC 3.5). Each epoch orders all samples from
+  ``(seed, epoch)`` only: a permutation (sampler ``"random"``, every caption exactly once), or the official
+  RandomIdentitySampler's P identities x K captions (sampler ``"identity"``). The order is cut into global
+  batches of ``global_batch_size``; the last partial one is kept (official) unless ``drop_last``.
+- Rank r of W loads the r-th contiguous slice of each global batch; slice sizes differ by at most one
+  (``numpy.array_split``). When a global batch has fewer samples than ranks (only possible for the last
+  one), ranks ``r >= len(batch)`` get a batch with zero rows, so every rank steps the same number of times.
+- Augmentation and MLM masking of the sample at position p of the epoch draw from generators seeded by
+  ``(seed, epoch, p)``, never from worker or rank state: one process with batch 2B and two with B each see
+  the same samples with identical pixels and masks.
+- Records are read by byte offset from the tars (one ``pread`` per sample, one open file per shard per
+  worker); decoding, augmentation, tokenisation and masking run in DataLoader workers.
+- A corrupt image or a cut-short record is skipped with a rate-limited warning: its batch has one row
+  fewer, and :attr:`TrainLoader.skipped` counts it (summed over workers; per rank).
+
+Keep these loaders out of ``accelerator.prepare()``: they already shard by rank.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections.abc import Iterator
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from irra_dist.data.shards import (
+    MANIFEST_NAME,
+    RecordError,
+    RecordReader,
+    ShardError,
+    SplitIndex,
+    VerifyMode,
+    load_manifest,
+)
+from irra_dist.data.transforms import DECODE_ERRORS, decode_image, test_transform, train_transform
+from irra_dist.masking import mask_tokens
+from irra_dist.tokenizer import CONTEXT_LENGTH, default_tokenizer, tokenize
+
+logger = logging.getLogger(__name__)
+
+# Separate seed streams, so that e.g. turning augmentation off leaves the masks unchanged.
+_STREAM_ORDER = 0
+_STREAM_IMAGE = 1
+_STREAM_MLM = 2
+_MASK64 = (1 << 64) - 1
+_READ_ERRORS = (*DECODE_ERRORS, RecordError, KeyError, IndexError, TypeError)
+
+
+def _splitmix64(x: int) -> int:
+    x = (x + 0x9E3779B97F4A7C15) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return x ^ (x >> 31)
+
+
+def derive_seed(*parts: int) -> int:
+    """Hash integers (run seed, epoch, position, stream) into an independent 63-bit seed.
+
+    Args:
+        *parts: any integers; negative values are taken modulo 2**64.
+
+    Returns:
+        A seed in ``[0, 2**63)`` for ``torch.Generator.manual_seed`` or numpy.
+    """
+    state = 0
+    for part in parts:
+        state = _splitmix64(state ^ (part & _MASK64))
+    return state >> 1
+
+
+class _RateLimitedWarning:
+    """Log the first few skips, then at most one line per interval saying how many were suppressed.
+
+    One instance per process, so each DataLoader worker limits its own lines.
+    """
+
+    def __init__(self, first: int = 5, interval_s: float = 30.0) -> None:
+        self.first, self.interval_s = first, interval_s
+        self.count, self.suppressed, self.last = 0, 0, 0.0
+
+    def __call__(self, message: str) -> None:
+        self.count += 1
+        now = time.monotonic()
+        if self.count <= self.first or now - self.last >= self.interval_s:
+            extra = f" ({self.suppressed} similar warnings suppressed)" if self.suppressed else ""
+            logger.warning("%s; skipped%s", message, extra)
+            self.last, self.suppressed = now, 0
+        else:
+            self.suppressed += 1
+
+
+_warn_skip = _RateLimitedWarning()
+
+
+def _rank_slice(n: int, rank: int, world_size: int) -> tuple[int, int]:
+    """Rank `rank`'s contiguous ``[lo, hi)`` of n items; sizes differ by at most one, earlier ranks larger."""
+    base, extra = divmod(n, world_size)
+    lo = rank * base + min(rank, extra)
+    return lo, lo + base + (1 if rank < extra else 0)
+
+
+def _check_rank(rank: int, world_size: int) -> None:
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"need 0 <= rank < world_size, got rank {rank}, world_size {world_size}: pass the "
+                         "process index and count from the launcher")
+
+
+def _check_image_size(manifest: dict[str, Any], image_size: tuple[int, int], shards_dir: str | os.PathLike,
+                      ) -> tuple[int, int]:
+    size = (int(image_size[0]), int(image_size[1]))
+    stored = manifest.get("image_size")
+    if stored is not None and tuple(stored) != size:
+        raise ShardError(f"{shards_dir}/{MANIFEST_NAME}: images were pre-resized to {stored[0]}x{stored[1]} "
+                         f"but the loader wants {size[0]}x{size[1]}: rebuild with --pre-resize "
+                         f"{size[0]}x{size[1]} (or without it), or set model.image_size to {list(stored)}")
+    return size
+
+
+def _stack(items: list[dict[str, Any]], key: str, empty_shape: tuple[int, ...], dtype: torch.dtype,
+           ) -> torch.Tensor:
+    if not items:
+        return torch.empty(empty_shape, dtype=dtype)
+    values = [item[key] for item in items]
+    return torch.stack(values) if isinstance(values[0], torch.Tensor) else torch.tensor(values, dtype=dtype)
+
+
+# --------------------------------------------------------------------------------------------------
+# Training
+
+
+class _TrainDataset(Dataset):
+    """Map-style dataset whose index is ``(epoch, position, sample)``; everything random follows from it."""
+
+    def __init__(self, index: SplitIndex, sample_record: np.ndarray, sample_caption: np.ndarray, *, seed: int,
+                 image_size: tuple[int, int], image_aug: bool, mlm: bool) -> None:
+        self.reader = RecordReader(index)
+        self.sample_record = sample_record
+        self.sample_caption = sample_caption
+        self.seed, self.image_size, self.image_aug, self.mlm = seed, image_size, image_aug, mlm
+
+    def __len__(self) -> int:
+        return len(self.sample_record)
+
+    def __getitem__(self, item: tuple[int, int, int]) -> dict[str, Any] | None:
+        epoch, position, sample = item
+        record = int(self.sample_record[sample])
+        index = self.reader.index
+        try:
+            image_bytes, meta_bytes = self.reader.read(record)
+            caption = json.loads(meta_bytes)["captions"][int(self.sample_caption[sample])]
+            image = decode_image(image_bytes)
+        except _READ_ERRORS as err:
+            _warn_skip(f"train sample {sample} (record {record} in "
+                       f"{index.shard_files[int(index.shard[record])]}) is unreadable: {err}")
+            return None
+        image_gen = torch.Generator().manual_seed(derive_seed(self.seed, epoch, position, _STREAM_IMAGE))
+        out = {"images": train_transform(image, image_gen, self.image_size, self.image_aug),
+               "caption_ids": tokenize(caption),
+               "pids": int(index.pid[record]),
+               "image_ids": int(index.image_id[record]),
+               "sample_index": sample}
+        if self.mlm:
+            mlm_gen = torch.Generator().manual_seed(derive_seed(self.seed, epoch, position, _STREAM_MLM))
+            out["mlm_ids"], out["mlm_labels"] = mask_tokens(out["caption_ids"], mlm_gen)
+        return out
+
+
+class _TrainCollate:
+    """Stack the readable samples of one rank's slice; count the skipped ones."""
+
+    def __init__(self, image_size: tuple[int, int], mlm: bool, mask_global_text: bool) -> None:
+        self.image_size, self.mlm, self.mask_global_text = image_size, mlm, mask_global_text
+
+    def __call__(self, items: list[dict[str, Any] | None]) -> dict[str, Any]:
+        good = [item for item in items if item is not None]
+        n = len(good)
+        batch: dict[str, Any] = {
+            "images": _stack(good, "images", (n, 3, *self.image_size), torch.float32),
+            "caption_ids": _stack(good, "caption_ids", (n, CONTEXT_LENGTH), torch.int64),
+            "pids": _stack(good, "pids", (n,), torch.int64),
+            "image_ids": _stack(good, "image_ids", (n,), torch.int64),
+            "sample_index": _stack(good, "sample_index", (n,), torch.int64),
+        }
+        if self.mlm:
+            batch["mlm_ids"] = _stack(good, "mlm_ids", (n, CONTEXT_LENGTH), torch.int64)
+            batch["mlm_labels"] = _stack(good, "mlm_labels", (n, CONTEXT_LENGTH), torch.int64)
+            if self.mask_global_text:
+                # The official aliasing: SDM/ID see the masked caption (IRRA_SPEC 3.3).
+                batch["caption_ids"] = batch["mlm_ids"]
+        batch["num_skipped"] = len(items) - n
+        return batch
+
+
+class _RankBatchSampler:
+    """Plans each epoch's global batches and yields this rank's slices as ``(epoch, position, sample)``.
+
+    Lives in the main process (the DataLoader iterates it there), so changing the epoch or the start batch
+    between iterations reaches persistent workers without restarting them. It holds no reference back to
+    the TrainLoader: without a reference cycle the workers shut down as soon as the loader is dropped.
+    """
+
+    def __init__(self, sample_pid: np.ndarray, *, seed: int, global_batch_size: int, sampler: str,
+                 num_instances: int, drop_last: bool, rank: int, world_size: int) -> None:
+        self.sample_pid = sample_pid
+        self.seed, self.global_batch_size, self.sampler = seed, global_batch_size, sampler
+        self.num_instances, self.drop_last = num_instances, drop_last
+        self.rank, self.world_size = rank, world_size
+        self.epoch = 1
+        self.start_batch = 0
+        self._cache: tuple[int, tuple[np.ndarray, list[tuple[int, int]]]] | None = None
+
+    def plan(self, epoch: int) -> tuple[np.ndarray, list[tuple[int, int]]]:
+        """The epoch's sample order and its global batches as ``[start, stop)`` ranges into it (cached)."""
+        if self._cache is not None and self._cache[0] == epoch:
+            return self._cache[1]
+        rng = np.random.Generator(np.random.PCG64(derive_seed(self.seed, epoch, _STREAM_ORDER)))
+        size = self.global_batch_size
+        if self.sampler == "identity":
+            num_pids = size // self.num_instances
+            size = num_pids * self.num_instances
+            order = _identity_order(self.sample_pid, self.num_instances, num_pids, rng)
+        else:
+            order = rng.permutation(len(self.sample_pid))
+        n = len(order)
+        num = n // size if self.drop_last or self.sampler == "identity" else -(-n // size)
+        bounds = [(k * size, min(n, (k + 1) * size)) for k in range(num)]
+        self._cache = (epoch, (order, bounds))
+        return order, bounds
+
+    def __len__(self) -> int:
+        return max(0, len(self.plan(self.epoch)[1]) - self.start_batch)
+
+    def __iter__(self) -> Iterator[list[tuple[int, int, int]]]:
+        epoch = self.epoch  # fixed for the whole pass, even if set_epoch() is called meanwhile
+        order, bounds = self.plan(epoch)
+        for start, stop in bounds[self.start_batch:]:
+            lo, hi = _rank_slice(stop - start, self.rank, self.world_size)
+            yield [(epoch, p, int(order[p])) for p in range(start + lo, start + hi)]
+
+
+class TrainLoader:
+    """This rank's training batches; the global batch sequence depends only on (seed, epoch, batch size).
+
+    Batches are dicts: ``images [b,3,H,W]`` float32, ``caption_ids [b,77]``, ``pids [b]``, ``image_ids [b]``,
+    ``sample_index [b]`` (global sample index: the caption's position in the training split) and, with
+    ``mlm``, ``mlm_ids`` and ``mlm_labels [b,77]``; all integer tensors are int64. With
+    ``mask_global_text`` the ``caption_ids`` tensor IS ``mlm_ids`` (the official aliasing); otherwise it
+    holds the clean ids. ``b`` is this rank's share of the global batch minus skipped samples (0 is possible).
+
+    Attributes:
+        start_batch: skip the first k global batches of the next iteration without loading them (resume);
+            consumed by ``__iter__`` and reset to 0.
+        num_train_ids: number of training identities (the ID classifier's size), from the manifest.
+        num_samples: training samples (captions) in the split.
+        skipped: corrupt samples this rank has skipped so far (all its workers, all epochs).
+        manifest: the shard set's manifest.
+    """
+
+    def __init__(self, shards_dir: str | os.PathLike, *, global_batch_size: int, rank: int = 0,
+                 world_size: int = 1, seed: int = 1, num_workers: int = 0,
+                 image_size: tuple[int, int] = (384, 128), image_aug: bool = True,
+                 sampler: Literal["random", "identity"] = "random", num_instances: int = 4,
+                 drop_last: bool = False, mlm: bool = True, mask_global_text: bool = True,
+                 verify: VerifyMode = True, pin_memory: bool = False, prefetch_factor: int = 2) -> None:
+        """Open the shard set, check it against its manifest, and set up (not start) the workers.
+
+        Args:
+            shards_dir: folder with manifest.json (see :func:`irra_dist.data.shards.build_shards`).
+            global_batch_size: samples per optimizer micro-step over all ranks (identity sampler: P x K
+                with P = global_batch_size // num_instances; every global batch is full).
+            rank: this process's index.
+            world_size: number of processes.
+            seed: run seed; with the epoch it fixes the order, augmentation and masks.
+            num_workers: DataLoader worker processes for this rank (0: load in this process).
+            image_size: ``(height, width)`` of the images.
+            image_aug: the official flip + pad/crop + erasing augmentation (False: flip only).
+            sampler: ``"random"`` (a permutation of all captions) or ``"identity"`` (P x K).
+            num_instances: K, captions per identity in a global batch (identity sampler).
+            drop_last: drop the last partial global batch (random sampler; the identity sampler never
+                makes one).
+            mlm: add ``mlm_ids`` and ``mlm_labels``.
+            mask_global_text: ``caption_ids`` is the masked caption (official), else the clean one.
+            verify: shard check before loading, see :func:`irra_dist.data.shards.load_manifest`.
+            pin_memory: pin batches for faster host-to-GPU copies.
+            prefetch_factor: batches prefetched per worker.
+
+        Raises:
+            ShardError: missing or mismatching shards, or pre-resized images of another size.
+            ValueError: inconsistent arguments.
+        """
+        _check_rank(rank, world_size)
+        if global_batch_size < 1:
+            raise ValueError(f"global_batch_size must be >= 1, got {global_batch_size}")
+        if sampler not in ("random", "identity"):
+            raise ValueError(f"sampler must be 'random' or 'identity', got {sampler!r}")
+        if sampler == "identity" and not 1 <= num_instances <= global_batch_size:
+            raise ValueError(f"the identity sampler needs 1 <= num_instances <= global_batch_size, got "
+                             f"num_instances {num_instances}, global_batch_size {global_batch_size}: lower "
+                             "data.num_instances or raise the batch size")
+        if num_workers < 0:
+            raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+        self.manifest = load_manifest(shards_dir, verify)
+        image_size = _check_image_size(self.manifest, image_size, shards_dir)
+        index = SplitIndex.load(shards_dir, self.manifest, "train")
+        if len(index) == 0:
+            raise ShardError(f"{shards_dir} has no training images: rebuild the shards from a dataset with a "
+                             "train split")
+        self.rank, self.world_size, self.seed = rank, world_size, seed
+        self.global_batch_size, self.sampler, self.num_instances = global_batch_size, sampler, num_instances
+        self.drop_last = drop_last
+        self.num_train_ids = int(self.manifest["num_train_ids"])
+        self.skipped = 0
+        # Sample s is caption sample_caption[s] of record sample_record[s], in record order.
+        counts = index.num_captions
+        self._sample_record = np.repeat(np.arange(len(index)), counts)
+        first = np.cumsum(counts) - counts
+        self._sample_caption = np.arange(len(self._sample_record)) - np.repeat(first, counts)
+        self._sample_pid = index.pid[self._sample_record]
+        self.num_samples = len(self._sample_record)
+        # Build the BPE tables once here so forked workers inherit them instead of each rebuilding them.
+        default_tokenizer()
+        self._batches = _RankBatchSampler(self._sample_pid, seed=seed, global_batch_size=global_batch_size,
+                                          sampler=sampler, num_instances=num_instances, drop_last=drop_last,
+                                          rank=rank, world_size=world_size)
+        dataset = _TrainDataset(index, self._sample_record, self._sample_caption, seed=seed,
+                                image_size=image_size, image_aug=image_aug, mlm=mlm)
+        self._loader = DataLoader(dataset, batch_sampler=self._batches, num_workers=num_workers,
+                                  collate_fn=_TrainCollate(image_size, mlm, mask_global_text),
+                                  pin_memory=pin_memory, persistent_workers=num_workers > 0,
+                                  prefetch_factor=prefetch_factor if num_workers > 0 else None)
+        self.start_batch = 0
+
+    @property
+    def epoch(self) -> int:
+        return self._batches.epoch
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch (1-based) that the next iteration yields."""
+        if epoch < 1:
+            raise ValueError(f"epochs are 1-based, got {epoch}")
+        self._batches.epoch = epoch
+
+    def global_batches(self, epoch: int | None = None) -> list[np.ndarray]:
+        """The sample indices of every global batch of an epoch (all ranks), without loading anything.
+
+        Args:
+            epoch: 1-based epoch; the current one when None.
+        """
+        order, bounds = self._batches.plan(self.epoch if epoch is None else epoch)
+        return [order[a:b] for a, b in bounds]
+
+    def __len__(self) -> int:
+        """Number of global batches (optimizer micro-steps) in the current epoch, ignoring start_batch."""
+        return len(self._batches.plan(self.epoch)[1])
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        self._batches.start_batch, self.start_batch = self.start_batch, 0
+        for batch in self._loader:
+            self.skipped += batch.pop("num_skipped")
+            yield batch
+
+
+def _identity_order(sample_pid: np.ndarray, k: int, p: int, rng: np.random.Generator) -> np.ndarray:
+    """The official RandomIdentitySampler's epoch order, drawn from `rng`.
+
+    Each identity's captions are shuffled (a pid with fewer than K captions draws K with replacement) and
+    cut into groups of K (a remainder is dropped); then, while at least P identities have groups left, P of
+    them are drawn without replacement and each gives its next group. The result is a multiple of P x K.
+    """
+    n = len(sample_pid)
+    # Shuffle within each pid at once: sort by (pid, random key).
+    grouped = np.lexsort((rng.random(n), sample_pid))
+    pids, starts, counts = np.unique(sample_pid[grouped], return_index=True, return_counts=True)
+    groups: list[list[np.ndarray]] = []
+    for start, count in zip(starts.tolist(), counts.tolist()):
+        members = grouped[start:start + count]
+        if count < k:
+            members = members[rng.integers(0, count, size=k)]
+        usable = (len(members) // k) * k
+        groups.append(list(members[:usable].reshape(-1, k)))
+    next_group = [0] * len(pids)
+    available = list(range(len(pids)))
+    chosen: list[np.ndarray] = []
+    while len(available) >= p:
+        picks = rng.choice(len(available), size=p, replace=False)
+        exhausted = set()
+        for pick in picks.tolist():
+            pid = available[pick]
+            chosen.append(groups[pid][next_group[pid]])
+            next_group[pid] += 1
+            if next_group[pid] == len(groups[pid]):
+                exhausted.add(pick)
+        if exhausted:
+            available = [a for i, a in enumerate(available) if i not in exhausted]
+    return np.concatenate(chosen) if chosen else np.empty(0, dtype=np.int64)
+
+
+# --------------------------------------------------------------------------------------------------
+# Evaluation
+
+
+class _GalleryDataset(Dataset):
+    def __init__(self, index: SplitIndex, image_size: tuple[int, int]) -> None:
+        self.reader = RecordReader(index)
+        self.image_size = image_size
+
+    def __len__(self) -> int:
+        return len(self.reader.index)
+
+    def __getitem__(self, record: int) -> dict[str, Any] | None:
+        index = self.reader.index
+        try:
+            image = decode_image(self.reader.read(record)[0])
+        except _READ_ERRORS as err:
+            _warn_skip(f"{index.split} gallery image {record} is unreadable: {err}")
+            return None
+        return {"images": test_transform(image, self.image_size), "pids": int(index.pid[record]),
+                "index": record}
+
+
+class _QueryDataset(Dataset):
+    def __init__(self, index: SplitIndex) -> None:
+        self.reader = RecordReader(index)
+        counts = index.num_captions
+        self.record = np.repeat(np.arange(len(index)), counts)
+        self.caption = np.arange(len(self.record)) - np.repeat(np.cumsum(counts) - counts, counts)
+
+    def __len__(self) -> int:
+        return len(self.record)
+
+    def __getitem__(self, query: int) -> dict[str, Any] | None:
+        record = int(self.record[query])
+        try:
+            caption = self.reader.read_json(record)["captions"][int(self.caption[query])]
+        except _READ_ERRORS as err:
+            _warn_skip(f"{self.reader.index.split} query {query} (record {record}) is unreadable: {err}")
+            return None
+        return {"caption_ids": tokenize(caption), "pids": int(self.reader.index.pid[record]), "index": query}
+
+
+class _EvalCollate:
+    def __init__(self, key: str, shape: tuple[int, ...], dtype: torch.dtype) -> None:
+        self.key, self.shape, self.dtype = key, shape, dtype
+
+    def __call__(self, items: list[dict[str, Any] | None]) -> dict[str, Any]:
+        good = [item for item in items if item is not None]
+        n = len(good)
+        return {self.key: _stack(good, self.key, (n, *self.shape), self.dtype),
+                "pids": _stack(good, "pids", (n,), torch.int64),
+                "index": _stack(good, "index", (n,), torch.int64),
+                "num_skipped": len(items) - n}
+
+
+class EvalLoader:
+    """This rank's contiguous part of a gallery or query list, in stable order.
+
+    Attributes:
+        num_items: gallery images or queries in the whole split (all ranks).
+        part: this rank's ``[lo, hi)`` range of item positions (the ``index`` entries it yields).
+        skipped: unreadable items skipped so far by this rank.
+    """
+
+    def __init__(self, dataset: Dataset, collate: _EvalCollate, *, rank: int, world_size: int,
+                 batch_size: int, num_workers: int, pin_memory: bool) -> None:
+        self.num_items = len(dataset)
+        self.part = _rank_slice(self.num_items, rank, world_size)
+        lo, hi = self.part
+        batches = [list(range(a, min(hi, a + batch_size))) for a in range(lo, hi, batch_size)]
+        self._loader = DataLoader(dataset, batch_sampler=batches, num_workers=num_workers, collate_fn=collate,
+                                  pin_memory=pin_memory, persistent_workers=num_workers > 0)
+        self.skipped = 0
+
+    def __len__(self) -> int:
+        return len(self._loader)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        for batch in self._loader:
+            self.skipped += batch.pop("num_skipped")
+            yield batch
+
+
+def build_eval_loaders(shards_dir: str | os.PathLike, split: str = "test", *, rank: int = 0,
+                       world_size: int = 1, batch_size: int = 512, num_workers: int = 0,
+                       image_size: tuple[int, int] = (384, 128), verify: VerifyMode = True,
+                       pin_memory: bool = False) -> tuple[EvalLoader, EvalLoader]:
+    """Gallery and query loaders of an evaluation split (IRRA_SPEC 3.1, 5): this rank's contiguous part.
+
+    Gallery batches hold ``images [b,3,H,W]``, ``pids [b]``, ``index [b]`` (gallery position); query batches
+    ``caption_ids [b,77]``, ``pids [b]``, ``index [b]`` (query position). The gallery is each image of the
+    split once, the queries every caption; gather the parts over ranks and sort by ``index``.
+
+    Args:
+        shards_dir: folder with manifest.json.
+        split: ``"test"`` or ``"val"``.
+        rank: this process's index.
+        world_size: number of processes.
+        batch_size: items per batch (per rank).
+        num_workers: DataLoader worker processes per loader.
+        image_size: ``(height, width)``.
+        verify: shard check, see :func:`irra_dist.data.shards.load_manifest`.
+        pin_memory: pin batches for faster host-to-GPU copies.
+
+    Returns:
+        ``(gallery_loader, query_loader)``.
+
+    Raises:
+        ShardError: missing or mismatching shards, an unknown split, or pre-resized images of another size.
+    """
+    _check_rank(rank, world_size)
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    manifest = load_manifest(shards_dir, verify)
+    size = _check_image_size(manifest, image_size, shards_dir)
+    index = SplitIndex.load(shards_dir, manifest, split)
+    common = {"rank": rank, "world_size": world_size, "batch_size": batch_size, "num_workers": num_workers,
+              "pin_memory": pin_memory}
+    default_tokenizer()
+    gallery = EvalLoader(_GalleryDataset(index, size), _EvalCollate("images", (3, *size), torch.float32),
+                         **common)
+    queries = EvalLoader(_QueryDataset(index), _EvalCollate("caption_ids", (CONTEXT_LENGTH,), torch.int64),
+                         **common)
+    return gallery, queries

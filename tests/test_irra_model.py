@@ -250,3 +250,15 @@ def test_build_from_config_random_and_pretrained(tmp_path: Path):
     model = build_irra_from_config(cfg, num_classes=5, with_mlm=False)
     assert model.base_model.visual.num_y == 4 and model.base_model.transformer.grad_checkpointing
     torch.testing.assert_close(model.base_model.token_embedding.weight, clip.token_embedding.weight)
+
+
+@pytest.mark.parametrize("mask_global_text", [True, False])
+def test_empty_batch_gives_empty_outputs(mask_global_text: bool):
+    # A rank holds zero rows when the last global batch is smaller than the world size.
+    model = tiny_irra(mask_global_text=mask_global_text)
+    batch = {k: v[:0] for k, v in make_batch().items()}
+    out = model(batch)
+    for key in ("image_feats", "text_feats", "image_logits", "text_logits", "mlm_logits", "mlm_labels"):
+        assert out[key].shape[0] == 0, key
+    assert model.encode_image(batch["images"]).shape[0] == 0
+    assert model.encode_text(batch["caption_ids"]).shape[0] == 0

@@ -172,3 +172,21 @@ def test_bad_checkpoints_give_one_clear_error(tmp_path: Path):
     with pytest.raises(CheckpointError, match="safetensors") as err:
         load_irra_weights(broken)
     assert _one_line_naming(err, broken)
+
+
+def test_safetensors_keeps_head_counts_that_break_the_width_rule(tmp_path: Path):
+    # width 128 with 4 heads: OpenAI's width // 64 rule would rebuild it with 2 heads and wrong outputs.
+    torch.manual_seed(0)
+    sizes = {**SIZES, "embed_dim": 128, "vision_width": 128, "vision_heads": 4, "text_width": 128, "text_heads": 4}
+    model = build_irra(NUM_CLASSES, cmt_depth=1, **sizes).eval()
+    path = tmp_path / "weights.safetensors"
+    save_weights_safetensors(model, path)
+    reloaded = load_irra_weights(path).eval()
+    assert (reloaded.base_model.sizes.vision_heads, reloaded.base_model.sizes.text_heads) == (4, 4)
+    images = torch.randn(2, 3, 64, 32)
+    ids = torch.zeros(2, LENGTH, dtype=torch.long)
+    ids[:, 0], ids[:, 1], ids[:, 2] = VOCAB - 2, 3, VOCAB - 1  # start, a word, end (the argmax)
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded.encode_image(images), model.encode_image(images))
+        torch.testing.assert_close(reloaded.encode_text(ids), model.encode_text(ids))
+    assert oct(path.stat().st_mode & 0o777) != oct(0o600)  # normal permissions, not mkstemp's

@@ -8,16 +8,17 @@ neither the OpenAI CLIP weights nor the training config; only the image size is 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
-import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from irra_dist.fileio import atomic_write
 from irra_dist.model.clip import (
     CLIP,
     AttnImpl,
@@ -59,16 +60,21 @@ def _irra_state_dict(obj: Any, path: Path) -> dict[str, torch.Tensor]:
 def irra_from_state_dict(state_dict: Mapping[str, torch.Tensor], source: str,
                          image_size: tuple[int, int] = (384, 128), stride_size: int = 16, *,
                          temperature: float = 0.02, mask_global_text: bool = True,
-                         mlm_logits_at_masked_only: bool = True, attn_impl: AttnImpl = "sdpa") -> IRRA:
+                         mlm_logits_at_masked_only: bool = True, attn_impl: AttnImpl = "sdpa",
+                         heads: tuple[int, int] | None = None) -> IRRA:
     """Build an fp32 :class:`IRRA` shaped by ``state_dict`` (official key names) and load it strictly.
 
     Inferred from the tensors: tower sizes, ``num_classes`` (``classifier.weight``, 0 without one),
     ``cmt_depth`` (the cross-modal resblocks) and whether the IRR module exists (``mlm_head.fc.weight``).
 
+    ``heads`` = (vision_heads, text_heads) overrides OpenAI's width // 64 rule.
+
     Raises:
         CheckpointError: tensors that do not form an IRRA model at ``image_size``/``stride_size``.
     """
     sizes = infer_clip_sizes(state_dict, image_size, stride_size, source, prefix="base_model.")
+    if heads is not None:
+        sizes = dataclasses.replace(sizes, vision_heads=heads[0], text_heads=heads[1])
     with_mlm = "mlm_head.fc.weight" in state_dict
     cmt_depth = count_blocks(state_dict, "cross_modal_transformer.")
     if with_mlm and cmt_depth == 0:
@@ -123,19 +129,6 @@ def _plain_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().contiguous() for k, v in _strip_module_prefix(model.state_dict()).items()}
 
 
-def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
-    """Call ``write(tmp)`` on a temporary name in the target folder, then rename it over ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def export_official_checkpoint(model: nn.Module, path: str | os.PathLike) -> None:
     """Write ``{"model": state_dict}`` with the official key names (what the official ``test.py`` loads).
 
@@ -143,7 +136,7 @@ def export_official_checkpoint(model: nn.Module, path: str | os.PathLike) -> Non
     The file appears atomically (temporary name, then rename).
     """
     state_dict = _plain_state_dict(model)
-    _atomic_write(Path(path), lambda tmp: torch.save({"model": state_dict}, tmp))
+    atomic_write(Path(path), lambda tmp: torch.save({"model": state_dict}, tmp))
 
 
 def _model_metadata(model: nn.Module) -> dict[str, str]:
@@ -151,8 +144,11 @@ def _model_metadata(model: nn.Module) -> dict[str, str]:
     if not isinstance(model, IRRA):
         return {"format": _SAFETENSORS_FORMAT}
     visual = model.base_model.visual
+    sizes = model.base_model.sizes
+    # Head counts are not visible in the tensors; random-init models need not follow width // 64.
     return {"format": _SAFETENSORS_FORMAT, "image_size": f"{visual.image_size[0]},{visual.image_size[1]}",
-            "stride_size": str(visual.stride_size), "temperature": repr(model.temperature)}
+            "stride_size": str(visual.stride_size), "temperature": repr(model.temperature),
+            "vision_heads": str(sizes.vision_heads), "text_heads": str(sizes.text_heads)}
 
 
 def save_weights_safetensors(model: nn.Module, path: str | os.PathLike,
@@ -167,7 +163,7 @@ def save_weights_safetensors(model: nn.Module, path: str | os.PathLike,
     # safetensors refuses tensors that share storage; clone the (few) that do.
     state_dict = {k: v.clone() for k, v in _plain_state_dict(model).items()}
     meta = {**_model_metadata(model), **(metadata or {})}
-    _atomic_write(Path(path), lambda tmp: save_file(state_dict, tmp, metadata=meta))
+    atomic_write(Path(path), lambda tmp: save_file(state_dict, tmp, metadata=meta))
 
 
 def load_irra_weights(path: str | os.PathLike, image_size: tuple[int, int] | None = None,
@@ -198,6 +194,8 @@ def load_irra_weights(path: str | os.PathLike, image_size: tuple[int, int] | Non
         stride_size = int(meta.get("stride_size", 16))
     if "temperature" in meta:
         kwargs.setdefault("temperature", float(meta["temperature"]))
+    if "vision_heads" in meta and "text_heads" in meta:
+        kwargs.setdefault("heads", (int(meta["vision_heads"]), int(meta["text_heads"])))
     return irra_from_state_dict(state_dict, str(path), image_size, stride_size, **kwargs)
 
 

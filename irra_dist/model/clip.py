@@ -101,15 +101,16 @@ class MultiheadAttention(nn.Module):
         """
         batch, q_len, width = query.shape
         heads = self.num_heads
+        head_dim = width // heads  # explicit, not -1: a rank may hold an empty batch (B = 0)
         if key_value is None:
             # one fused GEMM for q, k and v
             qkv = F.linear(query, self.in_proj_weight, self.in_proj_bias)
-            q, k, v = qkv.view(batch, q_len, 3, heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+            q, k, v = qkv.view(batch, q_len, 3, heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         else:
             q = F.linear(query, self.in_proj_weight[:width], self.in_proj_bias[:width])
             kv = F.linear(key_value, self.in_proj_weight[width:], self.in_proj_bias[width:])
-            q = q.view(batch, q_len, heads, -1).transpose(1, 2)
-            k, v = kv.view(batch, key_value.shape[1], 2, heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+            q = q.view(batch, q_len, heads, head_dim).transpose(1, 2)
+            k, v = kv.view(batch, key_value.shape[1], 2, heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         if self.attn_impl == "sdpa":
             out = F.scaled_dot_product_attention(q, k, v, is_causal=is_causal)
         else:

@@ -169,8 +169,9 @@ class IRRA(nn.Module):
         elif run_irr:
             caption_ids = batch["caption_ids"]
             # One pass over the clean and masked captions together keeps the batch large on the GPU.
-            clean_tokens, mlm_tokens = self.base_model.encode_text(torch.cat([caption_ids, mlm_ids])).split(
-                caption_ids.shape[0])
+            n = caption_ids.shape[0]
+            tokens = self.base_model.encode_text(torch.cat([caption_ids, mlm_ids]))
+            clean_tokens, mlm_tokens = tokens.split([n, n])
             text_feats = _eot(clean_tokens, caption_ids)
         else:
             text_feats = self.base_model.encode_text(batch["caption_ids"], all_tokens=False)
@@ -180,7 +181,8 @@ class IRRA(nn.Module):
         if self.num_classes > 0:
             # one GEMM for both modalities through the shared classifier
             logits = self._fp32_head(self.classifier, torch.cat([out["image_feats"], out["text_feats"]]))
-            out["image_logits"], out["text_logits"] = logits.split(out["image_feats"].shape[0])
+            n = out["image_feats"].shape[0]
+            out["image_logits"], out["text_logits"] = logits.split([n, n])
 
         if run_irr:
             fused = self.cross_former(mlm_tokens, image_tokens)

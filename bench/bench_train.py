@@ -1,0 +1,111 @@
+"""Training throughput of the demo-sized model on the CPU: 1 process against 2 processes (gloo DDP).
+
+Run: ``python bench/bench_train.py [--quick] [--json PATH]``. Every run trains the demo recipe's model and
+batch (configs/demo.yaml: 128 wide, 4 layers, 96x32 images, global batch 64, SDM + ID + MLM) on a small
+synthetic shard set, with evaluation and W&B off, for a fixed number of optimizer steps. The value is the
+median of the per-step samples/s the trainer logs (metrics.jsonl) after warm-up steps.
+The baseline is 1 process with PyTorch's default intra-op threads (one per core); 1 process with one thread
+and 2 processes with one thread each (as Accelerate sets it for CPU processes) are compared with it. All
+runs keep the demo's global batch of 64. No accuracy is measured here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from irra_dist.config import load_config, resolve_recipe  # noqa: E402
+
+
+def _build_shards(root: Path) -> Path:
+    from irra_dist.data.shards import build_shards
+    from irra_dist.data.synthetic import generate_synthetic_dataset
+
+    generate_synthetic_dataset(root / "CUHK-PEDES", num_train_ids=80, num_val_ids=0, num_test_ids=5, seed=1,
+                               workers=2)
+    out = root / "shards"
+    build_shards("CUHK-PEDES", root, out, progress=False)
+    return out
+
+
+def _train(processes: int, shards: Path, out: Path, warmup: int, steps: int, threads: int | None = None,
+           ) -> tuple[float, float]:
+    """Train `warmup` + `steps` steps with `processes` processes (and `threads` intra-op threads each, None:
+    the default); return (median samples/s of the last `steps` steps, wall seconds)."""
+    demo = load_config(resolve_recipe("demo"))
+    per_device = demo.train.batch_size // processes  # the global batch stays the demo's
+    name = f"p{processes}_t{threads or 0}"
+    args = [f"data.shards={shards}", f"train.output_dir={out}", f"train.run_name={name}",
+            f"train.batch_size={per_device}", f"train.max_steps={warmup + steps}", "train.log_period=1",
+            "eval.eval_period=0", "data.num_workers=1", "--no-wandb"]
+    env = dict(os.environ, PYTHONPATH=str(REPO), WANDB_MODE="offline")
+    if threads is not None:
+        env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    if processes == 1:
+        cmd = [sys.executable, "launch/train.py", *args]
+    else:
+        cmd = [str(Path(sys.executable).with_name("accelerate")), "launch", "--config_file",
+               "accelerate_configs/cpu_2proc.yaml", "--num_processes", str(processes), "launch/train.py",
+               *args]
+    start = time.perf_counter()
+    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
+    wall = time.perf_counter() - start
+    if done.returncode != 0:
+        raise RuntimeError(f"{processes}-process training failed:\n{done.stderr[-3000:]}")
+    rows = [json.loads(line) for line in (out / name / "metrics.jsonl").read_text().splitlines()]
+    speeds = [row["samples_per_s"] for row in rows if row["kind"] == "train" and row["step"] > warmup]
+    return statistics.median(speeds), wall
+
+
+def run(quick: bool) -> list[dict]:
+    """Measure 1 and 2 processes; rows: name, value (samples/s), unit, baseline (1 process), ratio."""
+    warmup, steps = (1, 3) if quick else (2, 20)
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        shards = _build_shards(root)
+        # (label, processes, threads per process); the first is the baseline.
+        setups = [("1 process, default threads", 1, None), ("1 process, 1 thread", 1, 1),
+                  ("2 processes (DDP, gloo), 1 thread each", 2, None)]
+        if quick:
+            del setups[1]  # each run costs several seconds of start-up
+        results = [(label, *_train(p, shards, root / "runs", warmup, steps, t)) for label, p, t in setups]
+    base = results[0][1]
+    return [{"name": f"demo model, {label}", "value": speed, "unit": "samples/s", "baseline": base,
+             "ratio": speed / base, "steps": steps, "wall_s": wall} for label, speed, wall in results]
+
+
+def _table(rows: list[dict]) -> str:
+    header = f"{'benchmark':<55} {'value':>9} {'baseline':>9} {'ratio':>6}  unit"
+    lines = [header, "-" * len(header)]
+    lines += [f"{r['name']:<55} {r['value']:>9.1f} {r['baseline']:>9.1f} {r['ratio']:>6.2f}  {r['unit']}"
+              for r in rows]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true",
+                        help="3 measured steps instead of 20, and no 1-thread row")
+    parser.add_argument("--json", type=Path, help="also write the rows as JSON to this path")
+    args = parser.parse_args(argv)
+    rows = run(args.quick)
+    print(_table(rows))
+    if args.json:
+        tmp = args.json.with_name(f".{args.json.name}.tmp")
+        tmp.write_text(json.dumps(rows, indent=1))
+        tmp.replace(args.json)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

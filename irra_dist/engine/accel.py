@@ -1,0 +1,129 @@
+"""Building the Accelerator from a run config: precision, process group, accumulation, DeepSpeed settings.
+
+The recipe is the single source of truth for what changes the numbers (precision, per-device batch,
+accumulation, clipping); the launcher's config (``accelerate_configs/*.yaml``) only chooses how many
+processes run and whether DeepSpeed does. Values the DeepSpeed JSON leaves at ``"auto"`` are filled from the
+recipe here; an explicit value that disagrees with the recipe is an error rather than a silent override.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DistributedDataParallelKwargs, DistributedType, InitProcessGroupKwargs
+
+from irra_dist.config import Config, ConfigError
+
+logger = logging.getLogger(__name__)
+
+PROCESS_GROUP_TIMEOUT = datetime.timedelta(minutes=30)
+"""Long enough for rank 0 to build the demo shards or evaluate a large split while the others wait."""
+
+
+def resolve_mixed_precision(setting: str, *, cuda: bool | None = None, bf16: bool | None = None) -> str:
+    """Map ``train.mixed_precision`` to Accelerate's value.
+
+    Args:
+        setting: ``"auto"``, ``"no"``, ``"fp16"`` or ``"bf16"``.
+        cuda: whether a CUDA device is used (detected when None).
+        bf16: whether that device supports bf16 (detected when None).
+
+    Returns:
+        ``"auto"`` becomes ``"bf16"`` on a GPU that supports it, ``"fp16"`` on other GPUs (Accelerate adds
+        a gradient scaler) and ``"no"`` (fp32) without a GPU; other settings are returned unchanged.
+    """
+    if setting != "auto":
+        return setting
+    cuda = torch.cuda.is_available() if cuda is None else cuda
+    if not cuda:
+        return "no"
+    bf16 = torch.cuda.is_bf16_supported() if bf16 is None else bf16
+    return "bf16" if bf16 else "fp16"
+
+
+def deepspeed_requested() -> bool:
+    """Whether ``accelerate launch`` was given a DeepSpeed config (it exports this variable)."""
+    return os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+
+
+def build_accelerator(cfg: Config, *, log_with: str | None = None) -> Accelerator:
+    """Create the Accelerator for a training or evaluation run.
+
+    Without CUDA the process group uses gloo. Plain multi-process runs are then put in Accelerate's CPU
+    mode (otherwise Accelerate reports ``DistributedType.NO`` with two processes and never wraps the model in
+    DDP); DeepSpeed runs keep DeepSpeed's own mode and only get the gloo backend.
+
+    Args:
+        cfg: the run config (precision, accumulation, compile).
+        log_with: ``"wandb"`` to enable that tracker, None for none.
+
+    Returns:
+        The Accelerator, with the DeepSpeed plugin (if any) filled from the recipe.
+
+    Raises:
+        ConfigError: a DeepSpeed JSON value that contradicts the recipe.
+    """
+    cuda = torch.cuda.is_available()
+    # The logit-scale buffer is constant, so DDP need not broadcast buffers every forward.
+    handlers: list[Any] = [DistributedDataParallelKwargs(broadcast_buffers=False)]
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # Only with a launcher: a backend without a process group to create makes Accelerate fail.
+        handlers.append(InitProcessGroupKwargs(backend="nccl" if cuda else "gloo",
+                                               timeout=PROCESS_GROUP_TIMEOUT))
+    accelerator = Accelerator(
+        cpu=not cuda and not deepspeed_requested(),
+        mixed_precision=resolve_mixed_precision(cfg.train.mixed_precision),
+        gradient_accumulation_steps=cfg.train.grad_accum_steps,
+        dynamo_backend="inductor" if cfg.train.compile else "no",
+        log_with=log_with,
+        kwargs_handlers=handlers,
+    )
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        fill_deepspeed_config(accelerator.state.deepspeed_plugin.deepspeed_config, cfg,
+                              accelerator.num_processes)
+    return accelerator
+
+
+def fill_deepspeed_config(ds_config: dict[str, Any], cfg: Config, num_processes: int) -> None:
+    """Set the DeepSpeed batch, accumulation and clipping entries from the recipe, in place.
+
+    The training loader stays out of ``accelerator.prepare`` (it shards by rank itself), so Accelerate cannot
+    infer the micro-batch; it is written here. ``"auto"`` or missing entries are filled; explicit entries
+    must agree with the recipe.
+
+    Raises:
+        ConfigError: an explicit entry that disagrees with the recipe.
+    """
+    wanted = {
+        "train_micro_batch_size_per_gpu": cfg.train.batch_size,
+        "gradient_accumulation_steps": cfg.train.grad_accum_steps,
+        "train_batch_size": cfg.train.batch_size * cfg.train.grad_accum_steps * num_processes,
+        # 0 turns DeepSpeed's clipping off; Accelerate would otherwise fill "auto" with 1.0.
+        "gradient_clipping": float(cfg.optim.grad_clip),
+    }
+    recipe_key = {"train_micro_batch_size_per_gpu": "train.batch_size",
+                  "gradient_accumulation_steps": "train.grad_accum_steps",
+                  "train_batch_size": "train.batch_size x processes x train.grad_accum_steps",
+                  "gradient_clipping": "optim.grad_clip"}
+    for key, value in wanted.items():
+        current = ds_config.get(key, "auto")
+        if current != "auto" and float(current) != float(value):
+            raise ConfigError(f"the DeepSpeed config sets {key}={current} but the recipe gives {value} "
+                              f"({recipe_key[key]}): set it to \"auto\" in the DeepSpeed JSON")
+        ds_config[key] = value
+    if "optimizer" in ds_config or "scheduler" in ds_config:
+        raise ConfigError("the DeepSpeed config defines an optimizer or scheduler, but irra_dist builds its "
+                          "own (optim.* in the recipe): remove those sections from the DeepSpeed JSON")
+
+
+def zero_stage(accelerator: Accelerator) -> int:
+    """The DeepSpeed ZeRO stage, 0 when DeepSpeed is not used."""
+    if accelerator.distributed_type != DistributedType.DEEPSPEED:
+        return 0
+    return int(accelerator.state.deepspeed_plugin.deepspeed_config.get("zero_optimization", {})
+               .get("stage", 0))

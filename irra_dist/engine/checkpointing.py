@@ -1,0 +1,312 @@
+"""Training checkpoints: atomic saves, safe loads, ``last`` / ``best`` links, exported weights.
+
+Layout of a run folder's ``checkpoints/``::
+
+    state-00000120-3f9a1c/      one complete checkpoint (never modified after it is complete)
+        model.safetensors, optimizer.bin, ...   Accelerate's save_state (or DeepSpeed's files)
+        rng_state_<rank>.safetensors            every rank's RNG state (no pickle)
+        trainer_state.json                      epoch, position in the epoch, step, best R1, scheduler
+        files.json                              every file's size, written last: marks the save complete
+    last -> state-00000120-3f9a1c               symbolic links, replaced atomically
+    best -> state-00000100-0b77d2
+
+A save writes into ``.saving/`` and renames it to ``state-*`` only when every rank is done, then swaps the
+links; a crash at any point leaves the previous ``last`` and ``best`` untouched. Directories no link points
+to are removed afterwards.
+
+Loading runs no pickled code for Accelerate checkpoints: the model is safetensors, the optimizer goes
+through ``torch.load(weights_only=True)`` (Accelerate's loader), the RNG states are safetensors here and the
+trainer state is JSON. Accelerate also writes ``random_states_<rank>.pkl`` and reads it back with
+``weights_only=True`` but silently ignores failures; the RNG file here is restored afterwards and reports
+problems. DeepSpeed's own checkpoint files are read by DeepSpeed with ``torch.load(weights_only=False)``:
+only resume DeepSpeed runs from checkpoints you wrote yourself.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import random
+import shutil
+import uuid
+from collections.abc import Sequence
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from safetensors import SafetensorError
+from safetensors.torch import save_file
+from torch import nn
+
+from irra_dist.engine.accel import zero_stage
+from irra_dist.model import CheckpointError, save_weights_safetensors
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINTS_DIR = "checkpoints"
+STATE_FILE = "trainer_state.json"
+FILES_FILE = "files.json"
+RNG_FILE = "rng_state_{rank}.safetensors"
+SAVING_DIR = ".saving"
+LINK_NAMES = ("last", "best")
+_STATE_PREFIX = "state-"
+
+
+@dataclass
+class TrainerState:
+    """Where a run stands; saved with every checkpoint as JSON."""
+
+    epoch: int = 1
+    """The epoch to run (1-based); equals num_epochs + 1 when training is complete."""
+    batch_in_epoch: int = 0
+    """Global micro-batches of `epoch` already trained (the loader's start_batch on resume)."""
+    step: int = 0
+    """Optimizer steps taken so far (skipped non-finite steps included)."""
+    best_r1: float = -1.0
+    """Best text-to-image R1 so far (-1: no evaluation yet)."""
+    best_epoch: int = 0
+    nonfinite_steps: int = 0
+    """Micro-batches skipped so far because their loss was not finite."""
+    global_batch_size: int = 0
+    """Samples per global micro-batch (batch_size x processes) of the run that saved it."""
+    wandb_run_id: str = ""
+    """W&B run id, so a resumed run continues the same W&B run."""
+    scheduler: dict[str, Any] = field(default_factory=dict)
+    """The LR scheduler's state_dict."""
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=1)
+
+    @classmethod
+    def from_json(cls, text: str, source: Path) -> TrainerState:
+        """Parse a saved state; unknown or missing keys are a CheckpointError."""
+        try:
+            data = json.loads(text)
+            return cls(**data)
+        except (json.JSONDecodeError, TypeError) as err:
+            raise CheckpointError(f"{source} is not a valid trainer state ({err}): resume from another "
+                                  "checkpoint") from None
+
+
+# --------------------------------------------------------------------------------------------------
+# RNG state without pickle
+
+
+def save_rng_state(path: Path) -> None:
+    """Write the Python, NumPy, torch CPU and CUDA generator states of this process as safetensors."""
+    version, mt_state, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    tensors = {
+        "torch_cpu": torch.get_rng_state(),
+        "python_mt": torch.tensor(mt_state, dtype=torch.int64),
+        "numpy_keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)),
+    }
+    if torch.cuda.is_available():
+        for i, state in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"cuda_{i}"] = state
+    metadata = {"python_version": str(version), "python_gauss": json.dumps(gauss), "numpy_kind": kind,
+                "numpy_pos": str(pos), "numpy_has_gauss": str(has_gauss), "numpy_cached": repr(cached)}
+    save_file(tensors, str(path), metadata=metadata)
+
+
+def restore_rng_state(path: Path) -> None:
+    """Restore what :func:`save_rng_state` wrote.
+
+    Raises:
+        CheckpointError: an unreadable file.
+    """
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        random.setstate((int(meta["python_version"]), tuple(tensors["python_mt"].tolist()),
+                         json.loads(meta["python_gauss"])))
+        np.random.set_state((meta["numpy_kind"], tensors["numpy_keys"].numpy().astype(np.uint32),
+                             int(meta["numpy_pos"]), int(meta["numpy_has_gauss"]),
+                             float(meta["numpy_cached"])))
+        torch.set_rng_state(tensors["torch_cpu"])
+        cuda = [tensors[f"cuda_{i}"] for i in range(torch.cuda.device_count()) if f"cuda_{i}" in tensors]
+        if cuda and len(cuda) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(cuda)
+    except (SafetensorError, OSError, KeyError, ValueError) as err:
+        raise CheckpointError(f"cannot restore the RNG state from {path} ({err}): the checkpoint is "
+                              "corrupt; resume from another one") from None
+
+
+# --------------------------------------------------------------------------------------------------
+# Saving
+
+
+def full_parameters(accelerator: Accelerator, module: nn.Module) -> AbstractContextManager[Any]:
+    """A context in which `module` holds all its parameters: gathers them under ZeRO-3, else a no-op."""
+    if zero_stage(accelerator) == 3:
+        import deepspeed
+
+        return deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None)
+    return nullcontext()
+
+
+def _file_sizes(folder: Path) -> dict[str, int]:
+    return {str(p.relative_to(folder)): p.stat().st_size for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _point_link(link: Path, target_name: str) -> None:
+    """Make `link` a relative symlink to `target_name` atomically (a new link renamed over the old one)."""
+    tmp = link.with_name(f".{link.name}.{uuid.uuid4().hex[:6]}.tmp")
+    os.symlink(target_name, tmp)
+    os.replace(tmp, link)
+
+
+def _prune(root: Path) -> None:
+    """Remove checkpoint folders that no link points to."""
+    keep = {os.readlink(root / name) for name in LINK_NAMES if (root / name).is_symlink()}
+    for child in root.iterdir():
+        if child.name.startswith(_STATE_PREFIX) and child.is_dir() and child.name not in keep:
+            shutil.rmtree(child, ignore_errors=True)
+
+
+def save_checkpoint(accelerator: Accelerator, run_dir: Path, state: TrainerState,
+                    links: Sequence[str] = ("last",)) -> Path:
+    """Save model, optimizer, RNG and trainer state; point `links` at the new checkpoint. All ranks call it.
+
+    Args:
+        accelerator: the run's Accelerator (its prepared model and optimizer are saved).
+        run_dir: the run folder; checkpoints go to ``run_dir/checkpoints``.
+        state: the trainer state to store.
+        links: which of ``last`` / ``best`` to point at this checkpoint.
+
+    Returns:
+        The new checkpoint folder.
+    """
+    root = run_dir / CHECKPOINTS_DIR
+    staging = root / SAVING_DIR
+    if accelerator.is_main_process:
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    # DeepSpeed needs every rank in save_state (each writes its own optimizer partition).
+    accelerator.save_state(str(staging))
+    save_rng_state(staging / RNG_FILE.format(rank=accelerator.process_index))
+    accelerator.wait_for_everyone()
+    final = root / f"{_STATE_PREFIX}{state.step:08d}-{uuid.uuid4().hex[:6]}"
+    if accelerator.is_main_process:
+        (staging / STATE_FILE).write_text(state.to_json())
+        # Written last, after every rank finished: its presence marks a complete checkpoint.
+        (staging / FILES_FILE).write_text(json.dumps(_file_sizes(staging), indent=1))
+        os.rename(staging, final)
+        for name in links:
+            _point_link(root / name, final.name)
+        _prune(root)
+        logger.info("saved checkpoint %s (%s)", final.relative_to(run_dir), ", ".join(links))
+    accelerator.wait_for_everyone()
+    return final
+
+
+def export_weights(accelerator: Accelerator, model: nn.Module, path: Path,
+                   metadata: dict[str, str] | None = None) -> None:
+    """Write the model's weights as ``path`` (safetensors, official key names, no ``module.``).
+
+    All ranks call it (ZeRO-3 gathers the parameters); the main process writes, atomically.
+    """
+    unwrapped = accelerator.unwrap_model(model, keep_torch_compile=False)
+    with full_parameters(accelerator, unwrapped):
+        if accelerator.is_main_process:
+            save_weights_safetensors(unwrapped, path, metadata)
+    accelerator.wait_for_everyone()
+
+
+# --------------------------------------------------------------------------------------------------
+# Finding and loading
+
+
+def resolve_checkpoint(path: str | os.PathLike) -> Path:
+    """A checkpoint folder from a checkpoint folder, a ``last``/``best`` link, a checkpoints/ or a run folder.
+
+    Raises:
+        CheckpointError: nothing resumable at `path`.
+    """
+    path = Path(path)
+    for candidate in (path, path / "last", path / CHECKPOINTS_DIR / "last"):
+        if (candidate / STATE_FILE).is_file() or (candidate / FILES_FILE).is_file():
+            return candidate.resolve()
+    raise CheckpointError(f"no checkpoint at {path}: pass a run folder (with checkpoints/last), a "
+                          "checkpoints/last or checkpoints/best link, or a checkpoint folder")
+
+
+def run_dir_of(checkpoint: Path) -> Path:
+    """The run folder a resolved checkpoint folder belongs to (``<run>/checkpoints/state-*``)."""
+    return checkpoint.parent.parent
+
+
+def find_latest_run(output_dir: str | os.PathLike) -> Path | None:
+    """The run folder under `output_dir` whose ``checkpoints/last`` is the most recent, or None."""
+    best: tuple[float, Path] | None = None
+    root = Path(output_dir)
+    if not root.is_dir():
+        return None
+    for run in root.iterdir():
+        last = run / CHECKPOINTS_DIR / "last"
+        if last.is_symlink() and (last / FILES_FILE).is_file():
+            mtime = (last / FILES_FILE).stat().st_mtime
+            if best is None or mtime > best[0]:
+                best = (mtime, run)
+    return None if best is None else best[1]
+
+
+def verify_checkpoint(checkpoint: Path) -> TrainerState:
+    """Check that every file of the checkpoint is present with its recorded size; return its trainer state.
+
+    Raises:
+        CheckpointError: an incomplete, truncated or damaged checkpoint (one line naming the file).
+    """
+    listing = checkpoint / FILES_FILE
+    if not listing.is_file():
+        raise CheckpointError(f"checkpoint {checkpoint} is incomplete (no {FILES_FILE}; the save was "
+                              "interrupted): resume from another checkpoint")
+    try:
+        sizes = json.loads(listing.read_text())
+    except json.JSONDecodeError:
+        raise CheckpointError(f"checkpoint {checkpoint} has a damaged {FILES_FILE}: resume from another "
+                              "checkpoint") from None
+    for name, size in sizes.items():
+        file = checkpoint / name
+        if not file.is_file():
+            raise CheckpointError(f"checkpoint {checkpoint} is missing {name}: resume from another "
+                                  "checkpoint")
+        if file.stat().st_size != size:
+            raise CheckpointError(f"checkpoint file {file} has {file.stat().st_size} bytes, {size} were "
+                                  "written (truncated or damaged): resume from another checkpoint")
+    return TrainerState.from_json((checkpoint / STATE_FILE).read_text(), checkpoint / STATE_FILE)
+
+
+def load_checkpoint(accelerator: Accelerator, checkpoint: Path) -> TrainerState:
+    """Restore model, optimizer and RNG states from `checkpoint` into the prepared objects. All ranks call it.
+
+    Returns:
+        The saved trainer state (the caller restores the scheduler from it).
+
+    Raises:
+        CheckpointError: an incomplete, truncated or unreadable checkpoint.
+    """
+    state = verify_checkpoint(checkpoint)
+    try:
+        accelerator.load_state(str(checkpoint))
+    except Exception as err:  # noqa: BLE001 - any failure inside the loaders means a bad checkpoint
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(f"cannot load checkpoint {checkpoint}: {first[:200]} (was it written by a "
+                              "run with the same model and launcher config?)") from None
+    rng_file = checkpoint / RNG_FILE.format(rank=accelerator.process_index)
+    if rng_file.is_file():
+        restore_rng_state(rng_file)
+    else:
+        logger.warning("checkpoint %s has no RNG state for rank %d (saved with fewer processes); this rank "
+                       "keeps its seeded state", checkpoint, accelerator.process_index)
+    return state

@@ -1,0 +1,165 @@
+"""Command lines of the engine: ``irra-train`` (launch/train.py) and ``irra-eval`` (launch/evaluate.py).
+
+Bad input (an unknown config key, a wrong type, missing shards, an unusable checkpoint) prints one line
+``error: ...`` on the first process and exits with status 2; a run stopped by non-finite losses exits 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from irra_dist.config import Config, ConfigError, atomic_write_text, load_config, resolve_recipe
+
+DEFAULT_RECIPE = "demo"
+"""configs/demo.yaml in the repository, so `accelerate launch launch/train.py` runs the demo."""
+
+EXIT_BAD_INPUT = 2
+EXIT_DIVERGED = 1
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """Exception types that mean bad input (reported in one line), imported lazily with the heavy modules."""
+    from irra_dist.data.parsers import DatasetError, DatasetNotFoundError
+    from irra_dist.data.shards import ShardError
+    from irra_dist.evaluation.metrics import RetrievalInputError
+    from irra_dist.model import CheckpointError
+    from irra_dist.optim import OptimSetupError
+
+    return (ConfigError, CheckpointError, ShardError, DatasetError, DatasetNotFoundError, RetrievalInputError,
+            OptimSetupError)
+
+
+def _is_first_process() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def _report(message: str) -> None:
+    if _is_first_process():
+        print(f"error: {message}", file=sys.stderr)
+
+
+# --------------------------------------------------------------------------------------------------
+# irra-train
+
+
+def train_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="irra-train",
+        description="Train IRRA. Run it under `accelerate launch` for several GPUs or DeepSpeed "
+                    "(see docs/TRAINING.md).")
+    parser.add_argument("--config", default=None, metavar="PATH_OR_NAME",
+                        help=f"recipe file or name in configs/ (default: {DEFAULT_RECIPE}; when resuming, "
+                             "the run's own config.yaml)")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                        help="dotted overrides, e.g. train.batch_size=32 optim.lr=2e-5")
+    parser.add_argument("--resume", nargs="?", const="latest", default=None, metavar="latest|PATH",
+                        help="continue the latest run (under train.output_dir), or a run folder / checkpoint")
+    parser.add_argument("--no-wandb", action="store_true", help="turn W&B logging off (logging.wandb=false)")
+    return parser
+
+
+def load_train_config(config: str | None, overrides: list[str], resume: str | None,
+                      ) -> tuple[Config, Path | None]:
+    """The run config: the recipe plus overrides, or, when resuming without --config, the run's config.yaml.
+
+    Returns:
+        ``(cfg, checkpoint folder or None)``.
+    """
+    from irra_dist.engine.checkpointing import resolve_checkpoint, run_dir_of
+    from irra_dist.engine.runlog import CONFIG_FILE
+    from irra_dist.engine.trainer import resolve_resume
+
+    if resume is None:
+        return load_config(resolve_recipe(config or DEFAULT_RECIPE), overrides), None
+    if config is not None:
+        cfg = load_config(resolve_recipe(config), overrides)
+        return cfg, resolve_resume(cfg, resume)
+    if resume == "latest":
+        probe = load_config(resolve_recipe(DEFAULT_RECIPE), overrides)
+        checkpoint = resolve_resume(probe, "latest")
+    else:
+        checkpoint = resolve_checkpoint(resume)
+    return load_config(run_dir_of(checkpoint) / CONFIG_FILE, overrides), checkpoint
+
+
+def train_main(argv: Sequence[str] | None = None) -> int:
+    """``irra-train``: parse `argv`, train, return the exit status."""
+    args = train_parser().parse_intermixed_args(argv)
+    overrides = list(args.overrides)
+    resume = args.resume
+    if resume is not None and "=" in resume and not Path(resume).exists():
+        # `--resume key=value ...`: argparse gave the first override to --resume.
+        overrides.insert(0, resume)
+        resume = "latest"
+    if args.no_wandb:
+        overrides.append("logging.wandb=false")
+    try:
+        cfg, checkpoint = load_train_config(args.config, overrides, resume)
+        from irra_dist.engine.trainer import NonFiniteLossError, train
+
+        try:
+            train(cfg, resume=checkpoint)
+        except NonFiniteLossError as err:
+            _report(str(err))
+            return EXIT_DIVERGED
+    except _user_errors() as err:
+        _report(str(err))
+        return EXIT_BAD_INPUT
+    return 0
+
+
+# --------------------------------------------------------------------------------------------------
+# irra-eval
+
+
+def eval_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="irra-eval",
+        description="Evaluate text-to-image retrieval of a run folder, a weights file (.safetensors) or an "
+                    "official IRRA best.pth on a shard set. Runs under `accelerate launch` too.")
+    parser.add_argument("target", help="run folder, checkpoint folder, weights file or official best.pth")
+    parser.add_argument("--shards", default=None, help="shard folder (default: the run's data.shards)")
+    parser.add_argument("--split", default="test", choices=("test", "val"))
+    parser.add_argument("--weights", default="best", choices=("best", "last"),
+                        help="for a run folder: best.safetensors (if any) or model.safetensors")
+    parser.add_argument("--batch-size", type=int, default=256, help="items per batch and process")
+    parser.add_argument("--num-workers", type=int, default=2, help="loader workers per process")
+    parser.add_argument("--chunk-size", type=int, default=1024, help="queries scored at a time")
+    parser.add_argument("--i2t", action="store_true", help="also report image-to-text retrieval")
+    parser.add_argument("--image-size", type=int, nargs=2, default=None, metavar=("H", "W"),
+                        help="input size for a file without metadata (official best.pth: 384 128)")
+    parser.add_argument("--stride", type=int, default=None, help="patch stride for such a file (16)")
+    parser.add_argument("--precision", default="auto", choices=("auto", "no", "fp16", "bf16"),
+                        help="autocast while embedding")
+    parser.add_argument("--out", default=None, help="write the metrics as JSON to this file")
+    return parser
+
+
+def evaluate_main(argv: Sequence[str] | None = None) -> int:
+    """``irra-eval``: parse `argv`, evaluate, print the table, maybe write JSON; return the exit status."""
+    args = eval_parser().parse_args(argv)
+    try:
+        from irra_dist.engine.evaluate import evaluate_target
+
+        result = evaluate_target(
+            args.target, shards=args.shards, split=args.split, weights=args.weights,
+            batch_size=args.batch_size, num_workers=args.num_workers, chunk_size=args.chunk_size,
+            i2t=args.i2t, image_size=tuple(args.image_size) if args.image_size else None,
+            stride_size=args.stride, precision=args.precision)
+    except _user_errors() as err:
+        _report(str(err))
+        return EXIT_BAD_INPUT
+    if _is_first_process():
+        from irra_dist.evaluation.metrics import format_metrics_table
+
+        print(f"{result['target']} on {result['shards']} ({result['split']} split: {result['num_queries']} "
+              f"queries, {result['num_gallery']} images)")
+        print(format_metrics_table(result["metrics"]))
+        if args.out:
+            atomic_write_text(args.out, json.dumps(result, indent=1) + "\n")
+    return 0

@@ -1,0 +1,270 @@
+"""Distributed retrieval evaluation: every rank embeds its part, the parts are gathered and scored once.
+
+Each rank encodes its contiguous part of the gallery images and of the query captions
+(:func:`irra_dist.data.pipeline.build_eval_loaders`), under ``no_grad`` and the training autocast. Features,
+pids and positions are gathered on every rank (no gradient is needed, so Accelerate's gather is used; parts
+may differ in size or be empty), put back in split order by position, and the main process computes the
+exact metrics (:func:`irra_dist.evaluation.metrics.retrieval_metrics`) and shares them with the others.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from collections.abc import Callable, Iterable
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from accelerate import Accelerator
+from accelerate.utils import broadcast_object_list
+from torch import nn
+from tqdm import tqdm
+
+from irra_dist.config import Config, ConfigError, EvalConfig, load_config
+from irra_dist.engine.checkpointing import full_parameters, resolve_checkpoint, run_dir_of
+from irra_dist.engine.runlog import BEST_WEIGHTS_FILE, CONFIG_FILE, WEIGHTS_FILE
+from irra_dist.evaluation.metrics import RetrievalInputError, format_metrics_table, retrieval_metrics
+from irra_dist.model import CheckpointError
+
+logger = logging.getLogger(__name__)
+
+Metrics = dict[str, dict[str, float]]
+
+
+def show_progress(accelerator: Accelerator) -> bool:
+    """Progress bars on the main process, and only on a terminal (not in redirected logs)."""
+    return accelerator.is_main_process and sys.stderr.isatty()
+
+
+@torch.no_grad()
+def embed(accelerator: Accelerator, encode: Callable[[torch.Tensor], torch.Tensor],
+          batches: Iterable[dict[str, torch.Tensor]], key: str, empty_input: torch.Tensor,
+          desc: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Encode this rank's items.
+
+    Args:
+        accelerator: supplies the device and autocast.
+        encode: ``model.encode_image`` or ``model.encode_text``.
+        batches: dicts with `key`, ``pids`` and ``index``.
+        key: ``"images"`` or ``"caption_ids"``.
+        empty_input: a zero-row input, encoded when this rank has no items (to learn the feature width).
+        desc: progress-bar label.
+
+    Returns:
+        ``(features [n, D] fp32, pids [n], index [n])`` on the accelerator's device.
+    """
+    feats, pids, index = [], [], []
+    device = accelerator.device
+    for batch in tqdm(batches, desc=desc, disable=not show_progress(accelerator), leave=False):
+        with accelerator.autocast():
+            feats.append(encode(batch[key].to(device, non_blocking=True)).float())
+        pids.append(batch["pids"].to(device, non_blocking=True))
+        index.append(batch["index"].to(device, non_blocking=True))
+    if not feats:
+        with accelerator.autocast():
+            feats.append(encode(empty_input.to(device)).float())
+        pids.append(torch.empty(0, dtype=torch.int64, device=device))
+        index.append(torch.empty(0, dtype=torch.int64, device=device))
+    return torch.cat(feats), torch.cat(pids), torch.cat(index)
+
+
+def gather_in_order(accelerator: Accelerator, feats: torch.Tensor, pids: torch.Tensor,
+                    index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gather every rank's rows and sort them by their position in the split.
+
+    Parts may differ in size (one fewer item, skipped unreadable items, or none at all): rows are padded to
+    the longest part for the collective and the padding is dropped using the gathered sizes.
+
+    Returns:
+        ``(features, pids, index)`` of all ranks, ordered by ``index``, on every rank.
+    """
+    sizes = accelerator.gather(torch.tensor([feats.shape[0]], device=feats.device))
+    longest = int(sizes.max())
+    if accelerator.num_processes > 1:
+        feats = accelerator.gather(_pad_rows(feats, longest))
+        pids = accelerator.gather(_pad_rows(pids, longest))
+        index = accelerator.gather(_pad_rows(index, longest))
+        keep = (torch.arange(longest, device=sizes.device)[None, :] < sizes[:, None]).reshape(-1)
+        feats, pids, index = feats[keep], pids[keep], index[keep]
+    order = torch.argsort(index)
+    return feats[order], pids[order], index[order]
+
+
+def _pad_rows(tensor: torch.Tensor, rows: int) -> torch.Tensor:
+    pad = tensor.new_zeros((rows - tensor.shape[0], *tensor.shape[1:]))
+    return torch.cat([tensor, pad])
+
+
+def evaluate_retrieval(accelerator: Accelerator, model: nn.Module, gallery: Any, queries: Any,
+                       cfg: EvalConfig) -> Metrics:
+    """Embed, gather and score one evaluation split. All ranks call it; all get the same metrics.
+
+    Args:
+        accelerator: the run's Accelerator.
+        model: the (possibly wrapped) IRRA model.
+        gallery: this rank's gallery loader (``images``, ``pids``, ``index``).
+        queries: this rank's query loader (``caption_ids``, ``pids``, ``index``).
+        cfg: the ``eval`` section (``chunk_size``, ``i2t``).
+
+    Returns:
+        ``{"t2i": {...}}`` plus ``"i2t"`` when ``cfg.i2t``; values in percent.
+
+    Raises:
+        RetrievalInputError: features or ids that cannot be scored (on every rank).
+    """
+    was_training = model.training
+    model.eval()
+    unwrapped = accelerator.unwrap_model(model, keep_torch_compile=False)
+    height, width = unwrapped.base_model.visual.image_size
+    try:
+        with full_parameters(accelerator, unwrapped):
+            # Read inside the context: under ZeRO-3 a parameter's shape is that of its local partition.
+            context = unwrapped.base_model.positional_embedding.shape[0]
+            g_feats, g_pids, g_index = embed(accelerator, unwrapped.encode_image, gallery, "images",
+                                             torch.zeros(0, 3, height, width), "gallery")
+            q_feats, q_pids, q_index = embed(accelerator, unwrapped.encode_text, queries, "caption_ids",
+                                             torch.zeros(0, context, dtype=torch.int64), "queries")
+    finally:
+        model.train(was_training)
+    g_feats, g_pids, g_index = gather_in_order(accelerator, g_feats, g_pids, g_index)
+    q_feats, q_pids, q_index = gather_in_order(accelerator, q_feats, q_pids, q_index)
+    missing = (gallery.num_items - len(g_index), queries.num_items - len(q_index))
+    if any(missing):
+        logger.warning("evaluation skipped %d unreadable gallery images and %d queries", *missing)
+
+    outcome: list[Any] = [None]
+    if accelerator.is_main_process:
+        try:
+            result = {"t2i": retrieval_metrics(q_feats, g_feats, q_pids, g_pids, chunk_size=cfg.chunk_size)}
+            if cfg.i2t:
+                result["i2t"] = retrieval_metrics(g_feats, q_feats, g_pids, q_pids, chunk_size=cfg.chunk_size)
+            outcome = [result]
+        except RetrievalInputError as err:
+            # Shared with the other ranks so that all of them stop instead of waiting in a collective.
+            outcome = [str(err)]
+    outcome = broadcast_object_list(outcome)
+    if isinstance(outcome[0], str):
+        raise RetrievalInputError(outcome[0])
+    return outcome[0]
+
+
+def flat_metrics(metrics: Metrics, prefix: str = "eval") -> dict[str, float]:
+    """``{"t2i": {"R1": x}}`` -> ``{"eval/t2i_R1": x}`` for trackers."""
+    return {f"{prefix}/{task}_{name}": value for task, row in metrics.items() for name, value in row.items()}
+
+
+def _weights_of(target: Path, weights: str) -> tuple[Path, Path | None]:
+    """The weights file to evaluate and the config.yaml that describes it (None for a bare file)."""
+    if target.is_dir() and (target / CONFIG_FILE).is_file():
+        best = target / BEST_WEIGHTS_FILE
+        file = best if weights == "best" and best.is_file() else target / WEIGHTS_FILE
+        if not file.is_file():
+            raise CheckpointError(f"run folder {target} has no {WEIGHTS_FILE} yet (no epoch finished): "
+                                  "evaluate a checkpoint folder under checkpoints/ instead")
+        return file, target / CONFIG_FILE
+    if target.is_dir():
+        checkpoint = resolve_checkpoint(target)
+        file = checkpoint / WEIGHTS_FILE
+        if not file.is_file():
+            raise CheckpointError(f"checkpoint {checkpoint} holds no {WEIGHTS_FILE} (a DeepSpeed "
+                                  "checkpoint?): evaluate the run folder, whose exported weights are "
+                                  "plain safetensors")
+        config = run_dir_of(checkpoint) / CONFIG_FILE
+        return file, config if config.is_file() else None
+    if not target.is_file():
+        raise CheckpointError(f"nothing to evaluate at {target}: pass a run folder, a checkpoint folder, a "
+                              ".safetensors file or an official best.pth")
+    return target, None
+
+
+def _load_model(file: Path, cfg: Config | None, image_size: tuple[int, int] | None,
+                stride_size: int | None) -> nn.Module:
+    """The model stored in `file`, built from the run config when there is one.
+
+    Tower sizes can be read from the tensors, but not the number of attention heads: that inference
+    assumes CLIP's 64-wide heads. A run trained from random init (``model.pretrained: none``) with other
+    head counts is therefore rebuilt from its config.yaml and loaded strictly.
+    """
+    from safetensors import SafetensorError, safe_open
+
+    from irra_dist.model import build_irra_from_config, load_irra_weights
+
+    if cfg is None or cfg.model.pretrained.lower() != "none" or file.suffix != ".safetensors":
+        return load_irra_weights(file, image_size=image_size, stride_size=stride_size)
+    try:
+        with safe_open(str(file), framework="pt") as f:
+            state_dict = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError) as err:
+        raise CheckpointError(f"cannot read {file} ({err}): the weights file is damaged") from None
+    num_classes = state_dict["classifier.weight"].shape[0] if "classifier.weight" in state_dict else 0
+    model = build_irra_from_config(cfg.model, num_classes, with_mlm="mlm_head.fc.weight" in state_dict,
+                                   mask_global_text=cfg.data.mask_global_text)
+    try:
+        model.load_state_dict(state_dict, strict=True)
+    except RuntimeError as err:
+        raise CheckpointError(f"{file} does not fit the model of its config.yaml: "
+                              f"{str(err).splitlines()[0]}") from None
+    return model
+
+
+def evaluate_target(target: str | os.PathLike, *, shards: str | os.PathLike | None = None,
+                    split: str = "test", weights: str = "best", batch_size: int = 256, num_workers: int = 2,
+                    chunk_size: int = 1024, i2t: bool = False, image_size: tuple[int, int] | None = None,
+                    stride_size: int | None = None, precision: str = "auto") -> dict[str, Any]:
+    """Evaluate a run folder, checkpoint folder, weights file or official ``best.pth`` on a shard set.
+
+    Works in one process or under ``accelerate launch`` (each process embeds its part).
+
+    Args:
+        target: what to evaluate (see :func:`_weights_of`).
+        shards: shard folder; default the run's ``data.shards``.
+        split: ``"test"`` or ``"val"``.
+        weights: for a run folder, ``"best"`` (best.safetensors when present) or ``"last"``.
+        batch_size: items per batch and process.
+        num_workers: loader workers per process.
+        chunk_size: queries scored at a time.
+        i2t: also score image-to-text.
+        image_size: input size for files that do not record it (official best.pth: 384x128).
+        stride_size: patch stride for such files.
+        precision: ``train.mixed_precision``-style autocast setting.
+
+    Returns:
+        ``{"target", "shards", "split", "num_gallery", "num_queries", "metrics"}``.
+
+    Raises:
+        CheckpointError, ConfigError, ShardError, RetrievalInputError: bad input.
+    """
+    from irra_dist.data.pipeline import build_eval_loaders
+    from irra_dist.engine.accel import build_accelerator
+
+    file, config_file = _weights_of(Path(target), weights)
+    run_cfg = load_config(config_file) if config_file is not None else Config()
+    if config_file is not None:
+        image_size = image_size or tuple(run_cfg.model.image_size)
+        stride_size = stride_size or run_cfg.model.stride_size
+    shards = shards if shards is not None else (run_cfg.data.shards if config_file is not None else None)
+    if shards is None:
+        raise ConfigError(f"{file} does not name its shards: pass --shards DIR")
+    run_cfg = replace(run_cfg, train=replace(run_cfg.train, mixed_precision=precision, compile=False,
+                                             grad_accum_steps=1))
+    accelerator = build_accelerator(run_cfg)
+    try:
+        model = _load_model(file, run_cfg if config_file is not None else None, image_size, stride_size)
+        model = model.to(accelerator.device)
+        size = tuple(model.base_model.visual.image_size)
+        gallery, queries = build_eval_loaders(shards, split, rank=accelerator.process_index,
+                                              world_size=accelerator.num_processes, batch_size=batch_size,
+                                              num_workers=num_workers, image_size=size,
+                                              pin_memory=accelerator.device.type == "cuda")
+        eval_cfg = EvalConfig(split=split, batch_size=batch_size, chunk_size=chunk_size, i2t=i2t)
+        metrics = evaluate_retrieval(accelerator, model, gallery, queries, eval_cfg)
+        logger.info("%s on %s (%s split):\n%s", file, shards, split, format_metrics_table(metrics))
+    finally:
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+    return {"target": str(file), "shards": str(shards), "split": split, "num_gallery": gallery.num_items,
+            "num_queries": queries.num_items, "metrics": metrics}

@@ -1,0 +1,777 @@
+"""Free-text person search with a trained IRRA model, and the ``irra-search`` command.
+
+A query text goes through the text tower; the gallery images through the image tower, once: their features
+are cached on disk under ``<cache>/gallery_<key>.safetensors``, keyed by the SHA-256 of the weights file,
+the gallery's content (the shard manifest plus split, or the names, sizes and mtimes of a folder's images)
+and the input size, so the next query against the same gallery only encodes the text. Similarity is the
+cosine of the global features, as in evaluation (IRRA_SPEC 5).
+
+Two kinds of gallery:
+
+- a shard set (a folder with ``manifest.json``, see :mod:`irra_dist.data.shards`): one split's images,
+  person ids known, so each hit is marked correct or wrong against the query's pid;
+- a plain folder of images (searched recursively, sorted by relative path): pids unknown.
+
+All queries of one call go into ONE PNG, a row per query (:func:`irra_dist.visualize.render_retrieval_grid`),
+by default ``<run or checkpoint folder>/search_<slug of the first query>[_and_<n>_more].png``; the top-k are
+also printed as a table (score, and pid plus correct/wrong when known).
+
+:class:`RetrievalExamples` is the trainer's hook: after each evaluation it draws a few fixed test queries
+against the gallery features the evaluation just computed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import re
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+import yaml
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+
+from irra_dist.config import ConfigError, ModelConfig, config_from_dict, load_config
+from irra_dist.data.pipeline import build_eval_loaders
+from irra_dist.data.shards import (
+    MANIFEST_NAME,
+    RecordError,
+    RecordReader,
+    ShardError,
+    SplitIndex,
+    load_manifest,
+)
+from irra_dist.data.transforms import DECODE_ERRORS, decode_image, test_transform
+from irra_dist.fileio import atomic_write, atomic_write_bytes
+from irra_dist.model import IRRA, CheckpointError, build_irra_from_config, load_irra_weights
+from irra_dist.model.clip import load_into
+from irra_dist.tokenizer import TokenizerError, tokenize
+from irra_dist.visualize import (
+    FixedQueries,
+    Hit,
+    QueryRow,
+    VisualizeError,
+    render_retrieval_grid,
+    save_retrieval_examples,
+    top_k_matches,
+)
+
+logger = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff")
+CACHE_VERSION = 1
+"""Part of the cache key: bump it when the cached features would change for the same inputs."""
+RUN_CONFIG = "config.yaml"
+RUN_WEIGHTS = "model.safetensors"
+RUN_BEST_WEIGHTS = "best.safetensors"
+EXIT_BAD_INPUT = 2
+
+
+class SearchError(ValueError):
+    """Input that search cannot use; the message is one line naming the problem and the fix."""
+
+
+# --------------------------------------------------------------------------------------------------
+# The model
+
+
+@dataclass
+class SearchModel:
+    """A model ready for search and what was learned while loading it."""
+
+    model: IRRA
+    weights_path: Path
+    image_size: tuple[int, int]
+    home: Path
+    """The run folder, or the checkpoint's folder: default place for the PNG and the feature cache."""
+    default_gallery: Path | None
+    """The run's shard folder (``data.shards``) when it exists."""
+    default_split: str
+
+
+def load_search_model(run: str | os.PathLike | None = None, checkpoint: str | os.PathLike | None = None,
+                      *, weights: str = "best", image_size: tuple[int, int] | None = None,
+                      stride_size: int | None = None) -> SearchModel:
+    """Load IRRA from a run folder or from one weights file.
+
+    Args:
+        run: a run folder written by the trainer (config.yaml plus best.safetensors / model.safetensors).
+        checkpoint: a safetensors export (ours), or an official IRRA ``best.pth``.
+        weights: for a run folder, "best" (best.safetensors when it exists, else model.safetensors) or
+            "last" (model.safetensors), as ``irra-eval --weights``.
+        image_size: (height, width) override; by default the run's ``model.image_size``, the config or
+            size stored in the safetensors metadata, or the official 384x128.
+        stride_size: patch stride override, found the same way (default 16).
+
+    Returns:
+        The fp32 model on the CPU, in eval mode.
+
+    Raises:
+        SearchError: neither or both sources, a missing folder or file.
+        CheckpointError, ConfigError: unreadable weights or config.
+    """
+    if (run is None) == (checkpoint is None):
+        raise SearchError("pass exactly one of --run RUN_DIR or --checkpoint FILE")
+    if weights not in ("best", "last"):
+        raise SearchError(f"weights must be 'best' or 'last', got {weights!r}")
+    default_gallery, default_split = None, "test"
+    if run is not None:
+        home = Path(run)
+        if not home.is_dir():
+            raise SearchError(f"run folder not found: {home} (pass --run with a folder holding {RUN_CONFIG} "
+                              f"and {RUN_WEIGHTS})")
+        best = home / RUN_BEST_WEIGHTS
+        file = best if weights == "best" and best.is_file() else home / RUN_WEIGHTS
+        for path in (home / RUN_CONFIG, file):
+            if not path.is_file():
+                raise SearchError(f"{home} has no {path.name}: pass a run folder in which an epoch finished, "
+                                  "or a weights file with --checkpoint FILE")
+        cfg = load_config(home / RUN_CONFIG)
+        model_cfg = cfg.model
+        shards = Path(cfg.data.shards)
+        default_gallery = shards if (shards / MANIFEST_NAME).is_file() else None
+        default_split = cfg.eval.split
+    else:
+        file = Path(checkpoint)
+        if not file.is_file():
+            raise SearchError(f"checkpoint not found: {file} (pass a .safetensors export or an official IRRA "
+                              "best.pth)")
+        home = file.parent
+        model_cfg = _embedded_model_config(file)
+    model = _load_weights(file, model_cfg, image_size, stride_size).eval()
+    size = model.base_model.visual.image_size
+    return SearchModel(model, file, (int(size[0]), int(size[1])), home, default_gallery, default_split)
+
+
+def _embedded_model_config(path: Path) -> ModelConfig | None:
+    """The model section of the run config that the trainer stores in its safetensors exports, if any."""
+    if path.suffix != ".safetensors":
+        return None
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            text = (f.metadata() or {}).get("config")
+    except (SafetensorError, OSError):
+        return None  # the loader reports the unreadable file
+    if not text:
+        return None
+    try:
+        return config_from_dict(yaml.safe_load(text)).model
+    except (ConfigError, yaml.YAMLError) as err:
+        logger.warning("ignoring the config stored in %s (%s); reading the model's shape from its tensors",
+                       path, err)
+        return None
+
+
+def _load_weights(file: Path, cfg: ModelConfig | None, image_size: tuple[int, int] | None,
+                  stride_size: int | None) -> IRRA:
+    """The model in `file`: built from its run config when the towers were random-init, else from the tensors.
+
+    Tower sizes can be read from the tensors but head counts cannot (that inference assumes CLIP's 64-wide
+    heads), so a random-init model (``model.pretrained: none``, e.g. the demo's) is built from its config.
+    """
+    if cfg is None:
+        return load_irra_weights(file, image_size=image_size, stride_size=stride_size)
+    image_size = tuple(image_size or cfg.image_size)
+    stride_size = stride_size or cfg.stride_size
+    if cfg.pretrained.lower() != "none" or file.suffix != ".safetensors":
+        return load_irra_weights(file, image_size=image_size, stride_size=stride_size,
+                                 temperature=cfg.temperature)
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        state_dict = load_file(str(file))
+    except (SafetensorError, OSError, ValueError) as err:
+        raise CheckpointError(f"cannot read {file}: truncated or not a safetensors file ({err}); "
+                              "re-export the run's weights") from None
+    num_classes = state_dict["classifier.weight"].shape[0] if "classifier.weight" in state_dict else 0
+    model_cfg = dataclasses.replace(cfg, image_size=image_size, stride_size=stride_size)
+    with torch.device("meta"):
+        model = build_irra_from_config(model_cfg, num_classes, with_mlm="mlm_head.fc.weight" in state_dict)
+    load_into(model, state_dict, str(file))
+    # The fixed logit scale is a non-persistent buffer: not in the file, so rebuild it off the meta device.
+    model.logit_scale = torch.tensor(1.0 / cfg.temperature)
+    return model
+
+
+def file_digest(path: Path, memo_dir: Path | None = None) -> str:
+    """SHA-256 of a file; with `memo_dir`, remembered there per (path, size, mtime) so big files hash once.
+
+    Args:
+        path: the file.
+        memo_dir: folder for the remembered digests; None hashes every time.
+
+    Returns:
+        The hex digest.
+    """
+    st = path.stat()
+    memo = None
+    if memo_dir is not None:
+        stat_key = f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}"
+        memo = memo_dir / f"weights_{hashlib.sha256(stat_key.encode()).hexdigest()[:20]}.sha256"
+        if memo.is_file():
+            text = memo.read_text().strip()
+            if re.fullmatch(r"[0-9a-f]{64}", text):
+                return text
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while block := f.read(1 << 22):
+            digest.update(block)
+    hexdigest = digest.hexdigest()
+    if memo is not None:
+        atomic_write_bytes(memo, hexdigest.encode() + b"\n")
+    return hexdigest
+
+
+# --------------------------------------------------------------------------------------------------
+# Galleries
+
+
+class Gallery(Protocol):
+    """What search needs from a gallery."""
+
+    content_key: str
+    """Changes whenever the images (or their order) may have changed."""
+    pids: torch.Tensor | None
+    """LongTensor[G] of person ids, or None when unknown."""
+
+    def __len__(self) -> int: ...
+
+    def names(self, indices: Sequence[int]) -> list[str]:
+        """A printable name of each image (relative path)."""
+        ...
+
+    def load_images(self, indices: Sequence[int]) -> list[Image.Image]:
+        """The decoded RGB images, in the order asked."""
+        ...
+
+    def encode(self, model: IRRA, image_size: tuple[int, int], *, batch_size: int, num_workers: int,
+               device: torch.device) -> torch.Tensor:
+        """Image features [G, D] (fp32, not normalised) in gallery order."""
+        ...
+
+
+class ShardGallery:
+    """One split of a shard set, read by gallery index (the record's position in its split).
+
+    Args:
+        shards_dir: folder with ``manifest.json``.
+        split: "test" or "val" (any split in the manifest).
+    """
+
+    def __init__(self, shards_dir: str | os.PathLike, split: str = "test") -> None:
+        self.shards_dir = Path(shards_dir)
+        self.split = split
+        manifest = load_manifest(self.shards_dir, verify="size")
+        self.index = SplitIndex.load(self.shards_dir, manifest, split)
+        self._reader = RecordReader(self.index)
+        manifest_sha = hashlib.sha256((self.shards_dir / MANIFEST_NAME).read_bytes()).hexdigest()
+        self.content_key = f"shards:{manifest_sha}:{split}"
+        self.pids = torch.from_numpy(self.index.pid.copy())
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def _json(self, record: int) -> dict[str, Any]:
+        try:
+            return self._reader.read_json(record)
+        except (RecordError, OSError, ValueError) as err:
+            raise SearchError(f"{self.split} record {record} of {self.shards_dir} is unreadable ({err}): "
+                              "rebuild the shards with irra-build-shards") from None
+
+    def names(self, indices: Sequence[int]) -> list[str]:
+        return [str(self._json(int(i)).get("rel_path", f"{self.split}#{int(i)}")) for i in indices]
+
+    def load_images(self, indices: Sequence[int]) -> list[Image.Image]:
+        images = []
+        for i in indices:
+            try:
+                images.append(decode_image(self._reader.read(int(i))[0]))
+            except (*DECODE_ERRORS, RecordError) as err:
+                raise SearchError(f"{self.split} gallery image {int(i)} of {self.shards_dir} is unreadable "
+                                  f"({err}): rebuild the shards with irra-build-shards") from None
+        return images
+
+    @torch.no_grad()
+    def encode(self, model: IRRA, image_size: tuple[int, int], *, batch_size: int, num_workers: int,
+               device: torch.device) -> torch.Tensor:
+        gallery, _ = build_eval_loaders(self.shards_dir, self.split, batch_size=batch_size,
+                                        num_workers=num_workers, image_size=image_size, verify="none",
+                                        pin_memory=device.type == "cuda")
+        feats = torch.empty(len(self), model.embed_dim, device=device)
+        for batch in gallery:
+            images = batch["images"].to(device, non_blocking=True)
+            feats[batch["index"].to(device)] = model.encode_image(images)
+        if gallery.skipped:
+            raise SearchError(f"{gallery.skipped} {self.split} gallery image(s) of {self.shards_dir} are "
+                              "unreadable: rebuild the shards with irra-build-shards")
+        return feats
+
+
+class _FolderDataset(Dataset):
+    def __init__(self, paths: list[Path], image_size: tuple[int, int]) -> None:
+        self.paths, self.image_size = paths, image_size
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, bool]:
+        # A bad file is flagged rather than raised: exceptions from DataLoader workers come back as
+        # multi-line tracebacks, and the caller wants one line naming the file.
+        try:
+            image = decode_image(self.paths[i].read_bytes())
+        except DECODE_ERRORS:
+            return torch.zeros(3, *self.image_size), False
+        return test_transform(image, self.image_size), True
+
+
+class FolderGallery:
+    """The images under a folder (recursively, hidden files skipped), sorted by relative path.
+
+    Args:
+        root: the folder.
+
+    Raises:
+        SearchError: no such folder, or no image files in it.
+    """
+
+    def __init__(self, root: str | os.PathLike) -> None:
+        self.root = Path(root)
+        if not self.root.is_dir():
+            raise SearchError(f"gallery folder not found: {self.root} (pass --gallery with a shard set or a "
+                              "folder of images)")
+        rels = sorted(p.relative_to(self.root).as_posix() for p in self.root.rglob("*")
+                      if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
+                      and not any(part.startswith(".") for part in p.relative_to(self.root).parts))
+        if not rels:
+            raise SearchError(f"no images in {self.root} (looked for {', '.join(IMAGE_SUFFIXES)}): pass a "
+                              "folder holding images, or a shard set folder with manifest.json")
+        self.rel_paths = rels
+        self.paths = [self.root / r for r in rels]
+        listing = hashlib.sha256()
+        for rel, path in zip(rels, self.paths):
+            st = path.stat()
+            listing.update(f"{rel}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        self.content_key = f"folder:{listing.hexdigest()}"
+        self.pids = None
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def names(self, indices: Sequence[int]) -> list[str]:
+        return [self.rel_paths[int(i)] for i in indices]
+
+    def load_images(self, indices: Sequence[int]) -> list[Image.Image]:
+        images = []
+        for i in indices:
+            path = self.paths[int(i)]
+            try:
+                images.append(decode_image(path.read_bytes()))
+            except DECODE_ERRORS as err:
+                raise SearchError(f"cannot read image {path} ({err}): remove or replace it") from None
+        return images
+
+    @torch.no_grad()
+    def encode(self, model: IRRA, image_size: tuple[int, int], *, batch_size: int, num_workers: int,
+               device: torch.device) -> torch.Tensor:
+        loader = DataLoader(_FolderDataset(self.paths, image_size), batch_size=batch_size,
+                            num_workers=num_workers, pin_memory=device.type == "cuda")
+        feats, ok = [], []
+        for images, good in loader:
+            feats.append(model.encode_image(images.to(device, non_blocking=True)))
+            ok.append(good)
+        bad = (~torch.cat(ok)).nonzero().flatten().tolist()
+        if bad:
+            more = f" and {len(bad) - 1} more" if len(bad) > 1 else ""
+            raise SearchError(f"cannot read image {self.paths[bad[0]]}{more}: remove or replace the "
+                              "unreadable file(s)")
+        return torch.cat(feats)
+
+
+def open_gallery(path: str | os.PathLike, split: str = "test") -> ShardGallery | FolderGallery:
+    """A shard set when `path` holds ``manifest.json``, otherwise a folder of images."""
+    path = Path(path)
+    if (path / MANIFEST_NAME).is_file():
+        return ShardGallery(path, split)
+    return FolderGallery(path)
+
+
+def split_caption_queries(shards_dir: str | os.PathLike, split: str = "test", num: int = 4) -> FixedQueries:
+    """The first caption of each of the first `num` distinct pids of a split, in record order.
+
+    Used for the trainer's fixed retrieval examples and for ``irra-search --from-split-captions N``; only
+    the json members of the chosen records are read. ``query_index`` is each caption's position in the
+    evaluation's query list (every caption of the split, record by record).
+
+    Raises:
+        ShardError: the shard set or split cannot be read.
+    """
+    index = SplitIndex.load(shards_dir, load_manifest(shards_dir, verify="none"), split)
+    first_query = np.cumsum(index.num_captions) - index.num_captions
+    reader = RecordReader(index)
+    texts, pids, positions, seen = [], [], [], set()
+    for record, pid in enumerate(index.pid.tolist()):
+        if len(texts) == num:
+            break
+        if pid in seen or index.num_captions[record] == 0:
+            continue
+        seen.add(pid)
+        texts.append(reader.read_json(record)["captions"][0])
+        pids.append(pid)
+        positions.append(int(first_query[record]))
+    reader.close()
+    return FixedQueries(texts, torch.tensor(pids, dtype=torch.int64), tokenize(texts).view(len(texts), -1),
+                        torch.tensor(positions, dtype=torch.int64))
+
+
+class RetrievalExamples:
+    """The trainer's retrieval grid after each evaluation: fixed queries of the evaluation split, their top-k.
+
+    Built once per run on the main process; :meth:`save` then reuses what the evaluation just computed
+    (gathered gallery and query features), so it costs a top-k and reading the few top-k images.
+
+    Args:
+        shards_dir: the run's shard set.
+        split: the evaluation split.
+        num_queries: fixed queries: the first caption of each of the first `num_queries` distinct pids.
+        top_k: images per query.
+        thumb_size: (height, width) of each thumbnail.
+    """
+
+    def __init__(self, shards_dir: str | os.PathLike, split: str = "test", *, num_queries: int = 4,
+                 top_k: int = 5, thumb_size: tuple[int, int] = (128, 48)) -> None:
+        self.gallery = ShardGallery(shards_dir, split)
+        self.queries = split_caption_queries(shards_dir, split, num_queries)
+        self.top_k = top_k
+        self.thumb_size = thumb_size
+
+    def save(self, out_path: str | os.PathLike, gallery_feats: torch.Tensor, gallery_pids: torch.Tensor,
+             gallery_index: torch.Tensor, query_feats: torch.Tensor,
+             query_index: torch.Tensor) -> Path | None:
+        """Draw the fixed queries' top-k as a PNG.
+
+        Args:
+            out_path: the PNG (written atomically).
+            gallery_feats: [G, D] the evaluation's gallery features (rows in any order).
+            gallery_pids: [G] their pids.
+            gallery_index: [G] their gallery indices (the loaders' ``index``).
+            query_feats: [N, D] the evaluation's query features.
+            query_index: [N] their query indices.
+
+        Returns:
+            The path written, or None when none of the fixed queries is among the evaluated ones.
+        """
+        wanted = self.queries.query_index.to(query_index.device)
+        match = query_index.view(1, -1) == wanted.view(-1, 1)
+        found = match.any(dim=1).cpu()
+        if not found.any():
+            return None
+        rows = match.int().argmax(dim=1)[found.to(match.device)]
+        keep = found.nonzero().flatten()
+        queries = FixedQueries([self.queries.texts[i] for i in keep.tolist()], self.queries.pids[keep],
+                               self.queries.caption_ids[keep], self.queries.query_index[keep])
+        return save_retrieval_examples(None, gallery_feats, gallery_pids, self.gallery.load_images, queries,
+                                       out_path, top_k=self.top_k, thumb_size=self.thumb_size,
+                                       gallery_index=gallery_index, query_feats=query_feats[rows])
+
+
+# --------------------------------------------------------------------------------------------------
+# Cached gallery features
+
+
+def gallery_cache_path(cache_dir: Path, weights_sha256: str, gallery: Gallery,
+                       image_size: tuple[int, int]) -> Path:
+    """The cache file of one (weights, gallery content, input size) combination."""
+    key = json.dumps({"version": CACHE_VERSION, "weights": weights_sha256, "gallery": gallery.content_key,
+                      "image_size": list(image_size)}, sort_keys=True)
+    return cache_dir / f"gallery_{hashlib.sha256(key.encode()).hexdigest()[:24]}.safetensors"
+
+
+def _read_cache(path: Path, num_images: int) -> torch.Tensor | None:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        feats = load_file(str(path))["feats"]
+    except (SafetensorError, OSError, KeyError, ValueError) as err:
+        logger.warning("ignoring unreadable gallery cache %s (%s); recomputing", path, err)
+        return None
+    if feats.ndim != 2 or feats.shape[0] != num_images:
+        logger.warning("ignoring gallery cache %s: %s features for %d images; recomputing", path,
+                       tuple(feats.shape), num_images)
+        return None
+    return feats
+
+
+def cached_gallery_features(search_model: SearchModel, gallery: Gallery, *, cache_dir: str | os.PathLike,
+                            batch_size: int = 64, num_workers: int = 0,
+                            device: torch.device | str = "cpu") -> tuple[torch.Tensor, Path, bool]:
+    """Gallery image features, read from the cache or computed (and cached) with the image tower.
+
+    Args:
+        search_model: the loaded model.
+        gallery: the images.
+        cache_dir: folder of the cache files (created).
+        batch_size: images per forward pass.
+        num_workers: DataLoader workers decoding images.
+        device: where the model runs.
+
+    Returns:
+        ``(feats [G, D] fp32 on the CPU, cache file, True if it was read from the cache)``.
+    """
+    cache_dir = Path(cache_dir)
+    weights_sha = file_digest(search_model.weights_path, cache_dir)
+    path = gallery_cache_path(cache_dir, weights_sha, gallery, search_model.image_size)
+    if path.is_file():
+        feats = _read_cache(path, len(gallery))
+        if feats is not None:
+            return feats, path, True
+    from safetensors.torch import save_file
+
+    device = torch.device(device)
+    model = search_model.model.to(device).eval()
+    feats = gallery.encode(model, search_model.image_size, batch_size=batch_size, num_workers=num_workers,
+                           device=device).float().cpu().contiguous()
+    meta = {"weights_sha256": weights_sha, "gallery": gallery.content_key,
+            "image_size": ",".join(map(str, search_model.image_size)), "num_images": str(len(gallery))}
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, lambda tmp: save_file({"feats": feats}, tmp, metadata=meta))
+    return feats, path, False
+
+
+# --------------------------------------------------------------------------------------------------
+# Search
+
+
+@dataclass
+class QueryResult:
+    """The top-k of one query."""
+
+    text: str
+    pid: int | None
+    scores: list[float]
+    indices: list[int]
+    """Gallery indices, best first."""
+    names: list[str]
+    pids: list[int] | None
+    """The hits' pids (shard galleries)."""
+    correct: list[bool] | None
+    """Hit pid == query pid, when both are known."""
+
+
+@torch.no_grad()
+def search(search_model: SearchModel, gallery: Gallery, gallery_feats: torch.Tensor, texts: Sequence[str],
+           query_pids: Sequence[int | None] | None = None, *, top_k: int = 10,
+           device: torch.device | str = "cpu") -> list[QueryResult]:
+    """Rank the gallery for each text by cosine similarity of the global features.
+
+    Args:
+        search_model: the loaded model.
+        gallery: the gallery `gallery_feats` were computed from.
+        gallery_feats: [G, D] image features.
+        texts: the queries.
+        query_pids: per query, its person id or None (correctness is then unknown).
+        top_k: hits per query (capped at the gallery size).
+        device: where the text tower runs.
+
+    Returns:
+        One :class:`QueryResult` per text, in order.
+    """
+    if not texts:
+        raise SearchError("no query text: pass --query TEXT, --queries-file FILE or --from-split-captions N")
+    if top_k < 1:
+        raise SearchError(f"--top-k must be >= 1, got {top_k}")
+    query_pids = list(query_pids) if query_pids is not None else [None] * len(texts)
+    device = torch.device(device)
+    model = search_model.model.to(device).eval()
+    ids = tokenize(list(texts), context_length=model.base_model.context_length)
+    text_feats = torch.cat([model.encode_text(chunk.to(device)) for chunk in ids.split(256)])
+    scores, indices = top_k_matches(text_feats.cpu(), gallery_feats, top_k)
+    results = []
+    for q, text in enumerate(texts):
+        idx = indices[q].tolist()
+        hit_pids = gallery.pids[indices[q]].tolist() if gallery.pids is not None else None
+        qpid = query_pids[q]
+        correct = [p == qpid for p in hit_pids] if hit_pids is not None and qpid is not None else None
+        results.append(QueryResult(text, qpid, scores[q].tolist(), idx, gallery.names(idx), hit_pids,
+                                   correct))
+    return results
+
+
+def format_results(results: Sequence[QueryResult]) -> str:
+    """The results as a plain-text table per query."""
+    lines = []
+    for q, res in enumerate(results, start=1):
+        pid = f" (pid {res.pid})" if res.pid is not None else ""
+        lines.append(f"query {q}{pid}: {res.text}")
+        header = f"  {'rank':>4}  {'score':>7}"
+        if res.pids is not None:
+            header += f"  {'pid':>6}"
+        if res.correct is not None:
+            header += f"  {'match':<9}"
+        lines.append(header + "  image")
+        for r, (score, name) in enumerate(zip(res.scores, res.names)):
+            row = f"  {r + 1:>4}  {score:>7.4f}"
+            if res.pids is not None:
+                row += f"  {res.pids[r]:>6}"
+            if res.correct is not None:
+                row += f"  {'correct' if res.correct[r] else 'wrong':<9}"
+            lines.append(f"{row}  {name}")
+    return "\n".join(lines)
+
+
+def render_results(results: Sequence[QueryResult], gallery: Gallery, out_path: str | os.PathLike, *,
+                   thumb_size: tuple[int, int] = (128, 48)) -> Path:
+    """Draw all queries as one PNG, a row each (see :func:`irra_dist.visualize.render_retrieval_grid`)."""
+    wanted = sorted({i for res in results for i in res.indices})
+    images = dict(zip(wanted, gallery.load_images(wanted)))
+    rows = []
+    for res in results:
+        labels = ([f"pid {p}" for p in res.pids] if res.pids is not None
+                  else [Path(name).stem for name in res.names])
+        correct = res.correct or [None] * len(res.indices)
+        hits = [Hit(images[i], s, c, lab) for i, s, c, lab in zip(res.indices, res.scores, correct, labels)]
+        prefix = f"[pid {res.pid}] " if res.pid is not None else ""
+        rows.append(QueryRow(prefix + res.text, hits))
+    return render_retrieval_grid(rows, out_path, thumb_size=thumb_size)
+
+
+def slugify(text: str, max_len: int = 40) -> str:
+    """A file-name-safe lower-case slug of `text` ("query" when nothing is left)."""
+    slug = re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:max_len].rstrip("-")
+    return slug or "query"
+
+
+def default_out_path(home: Path, texts: Sequence[str]) -> Path:
+    """``<home>/search_<slug of the first query>[_and_<n>_more].png``."""
+    more = f"_and_{len(texts) - 1}_more" if len(texts) > 1 else ""
+    return home / f"search_{slugify(texts[0])}{more}.png"
+
+
+# --------------------------------------------------------------------------------------------------
+# Command line
+
+
+def _parse_size(text: str) -> tuple[int, int]:
+    match = re.fullmatch(r"\s*(\d+)\s*[xX,]\s*(\d+)\s*", text)
+    if not match or min(int(match.group(1)), int(match.group(2))) < 1:
+        raise argparse.ArgumentTypeError(f"cannot read {text!r}: write it as HxW, e.g. 384x128")
+    return int(match.group(1)), int(match.group(2))
+
+
+def _arg_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="irra-search",
+        description="Search a gallery of person images with free text; prints the top-k and writes a PNG "
+                    "grid (one row per query, all queries in one file).")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--run", help="run folder holding config.yaml and model.safetensors")
+    source.add_argument("--checkpoint", help="a .safetensors export or an official IRRA best.pth")
+    parser.add_argument("--weights", default="best", choices=("best", "last"),
+                        help="with --run: best.safetensors (if any) or model.safetensors (default best)")
+    parser.add_argument("--query", action="append", default=[], help="a query text (repeatable)")
+    parser.add_argument("--query-pid", action="append", type=int, default=[],
+                        help="person id of each --query, in order, to mark hits correct/wrong")
+    parser.add_argument("--queries-file", help="a text file with one query per line")
+    parser.add_argument("--from-split-captions", type=int, default=0, metavar="N",
+                        help="also query with the first caption of the first N distinct pids of the split")
+    parser.add_argument("--gallery", help="shard set folder (manifest.json) or a folder of images "
+                                          "(default with --run: the run's data.shards)")
+    parser.add_argument("--split", default=None, help="shard split to search (default: the run's eval.split, "
+                                                      "else test)")
+    parser.add_argument("--top-k", type=int, default=10, help="hits per query (default 10)")
+    parser.add_argument("--out", help="PNG path (default: <run or checkpoint folder>/search_<slug>.png)")
+    parser.add_argument("--cache-dir",
+                        help="gallery feature cache (default: <run or checkpoint folder>/cache)")
+    parser.add_argument("--image-size", type=_parse_size, default=None, metavar="HxW",
+                        help="input size override (default: from the run config or the weights file)")
+    parser.add_argument("--stride-size", type=int, default=None, help="patch stride override")
+    parser.add_argument("--thumb-size", type=_parse_size, default=(128, 48), metavar="HxW",
+                        help="thumbnail size in the PNG (default 128x48)")
+    parser.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
+    parser.add_argument("--num-workers", type=int, default=min(4, os.cpu_count() or 1),
+                        help="workers decoding gallery images")
+    parser.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:1 ...")
+    return parser
+
+
+def _read_queries(args: argparse.Namespace) -> tuple[list[str], list[int | None]]:
+    if args.query_pid and len(args.query_pid) != len(args.query):
+        raise SearchError(f"got {len(args.query_pid)} --query-pid for {len(args.query)} --query: give one "
+                          "pid per --query, in the same order, or none")
+    texts = list(args.query)
+    pids: list[int | None] = list(args.query_pid) if args.query_pid else [None] * len(texts)
+    if args.queries_file:
+        path = Path(args.queries_file)
+        if not path.is_file():
+            raise SearchError(f"queries file not found: {path} (pass a text file with one query per line)")
+        lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
+        lines = [line for line in lines if line]
+        if not lines:
+            raise SearchError(f"{path} holds no query: write one query per line")
+        texts += lines
+        pids += [None] * len(lines)
+    if any(not t.strip() for t in texts):
+        raise SearchError("a --query is empty: pass a description such as --query 'a man in a red jacket'")
+    return texts, pids
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``irra-search``: parse argv, search, print the top-k per query and write the PNG grid.
+
+    Returns:
+        0 on success, 2 on bad input (one ``error:`` line on stderr).
+    """
+    args = _arg_parser().parse_args(argv)
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        if args.top_k < 1 or args.batch_size < 1 or args.num_workers < 0 or args.from_split_captions < 0:
+            raise SearchError("--top-k and --batch-size must be >= 1, --num-workers and "
+                              "--from-split-captions >= 0")
+        texts, pids = _read_queries(args)
+        if not texts and not args.from_split_captions:
+            raise SearchError("no query: pass --query TEXT (repeatable), --queries-file FILE or "
+                              "--from-split-captions N")
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" \
+            else torch.device(args.device)
+        loaded = load_search_model(args.run, args.checkpoint, weights=args.weights,
+                                   image_size=args.image_size, stride_size=args.stride_size)
+        split = args.split or loaded.default_split
+        if args.gallery is None and loaded.default_gallery is None:
+            raise SearchError("no gallery: pass --gallery with a shard set folder or a folder of images")
+        gallery = open_gallery(args.gallery or loaded.default_gallery, split)
+        if args.from_split_captions:
+            if not isinstance(gallery, ShardGallery):
+                raise SearchError("--from-split-captions needs a shard set gallery (a folder with "
+                                  f"{MANIFEST_NAME}), not a folder of images")
+            fixed = split_caption_queries(gallery.shards_dir, split, args.from_split_captions)
+            texts += fixed.texts
+            pids += fixed.pids.tolist()
+        cache_dir = Path(args.cache_dir) if args.cache_dir else loaded.home / "cache"
+        feats, cache_path, hit = cached_gallery_features(loaded, gallery, cache_dir=cache_dir,
+                                                         batch_size=args.batch_size,
+                                                         num_workers=args.num_workers, device=device)
+        results = search(loaded, gallery, feats, texts, pids, top_k=args.top_k, device=device)
+        out = Path(args.out) if args.out else default_out_path(loaded.home, texts)
+        render_results(results, gallery, out, thumb_size=args.thumb_size)
+    except (SearchError, ShardError, CheckpointError, ConfigError, VisualizeError, TokenizerError,
+            OSError) as err:
+        print(f"irra-search: error: {err}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    print(format_results(results))
+    print(f"gallery: {len(gallery)} images, features {'read from' if hit else 'cached in'} {cache_path}")
+    print(f"wrote {out}")
+    return 0

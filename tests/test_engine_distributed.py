@@ -1,0 +1,117 @@
+"""N processes x B trains like 1 process x N*B: DDP and DeepSpeed ZeRO-2 against a single-process run.
+
+One epoch of the tiny recipe (65 samples, global batch 16: 5 steps, the last with ONE sample, so with two
+processes rank 1 holds an empty batch) is trained three times: in this process with batch 16 (the
+reference), under ``accelerate launch`` with 2 processes x 8 (DDP on gloo), and with 2 x 8 under DeepSpeed
+ZeRO-2. Every step's losses and the final weights must agree in fp32. The 2-process run also evaluates at
+the end of the epoch; its metrics must equal a single-process evaluation of the weights it exported.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import reset_accelerate
+from safetensors.torch import load_file
+
+from irra_dist.config import load_config
+from irra_dist.engine.runlog import read_metrics
+
+pytestmark = [pytest.mark.dist, pytest.mark.slow, pytest.mark.usefixtures("fresh_accelerate")]
+
+LOSS_KEYS = ("loss", "sdm_loss", "id_loss", "mlm_loss")
+
+
+def _train_rows(run_dir: Path) -> list[dict]:
+    return [row for row in read_metrics(run_dir / "metrics.jsonl") if row["kind"] == "train"]
+
+
+def _eval_row(run_dir: Path) -> dict:
+    rows = [row for row in read_metrics(run_dir / "metrics.jsonl") if row["kind"] == "eval"]
+    assert len(rows) == 1
+    return rows[0]
+
+
+@pytest.fixture(scope="module")
+def runs(make_tiny_recipe, launch, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The reference run and the two 2-process runs, trained once for the module."""
+    from irra_dist.engine.trainer import train
+
+    tmp = tmp_path_factory.mktemp("dist_runs")
+    recipe = make_tiny_recipe(tmp)
+    reset_accelerate()
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)  # the launched processes run one thread each too
+    try:
+        out = {"ref": train(load_config(recipe, ["train.run_name=ref"]))}
+    finally:
+        torch.set_num_threads(before)
+        reset_accelerate()
+    for name, accelerate_config, extra in (("ddp", "cpu_2proc.yaml", []),
+                                           ("zero2", "deepspeed_zero2.yaml", ["--num_processes", "2"])):
+        done = launch(accelerate_config, "train.py",
+                      ["--config", str(recipe), f"train.run_name={name}", "train.batch_size=8"],
+                      launcher_args=extra)
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
+        out[name] = tmp / "runs" / name
+    return out
+
+
+@pytest.mark.parametrize("name", ["ddp", "zero2"])
+def test_two_processes_give_the_single_process_losses(runs: dict[str, Path], name: str) -> None:
+    ref, other = _train_rows(runs["ref"]), _train_rows(runs[name])
+    assert [r["step"] for r in ref] == [1, 2, 3, 4, 5]
+    assert [r["step"] for r in other] == [1, 2, 3, 4, 5]
+    for a, b in zip(ref, other):
+        for key in LOSS_KEYS:
+            assert b[key] == pytest.approx(a[key], rel=1e-5), (name, a["step"], key)
+    # The last step saw one sample: its SDM is (near) zero, unlike the full steps.
+    assert ref[-1]["sdm_loss"] < 0.5 * ref[0]["sdm_loss"]
+
+
+@pytest.mark.parametrize("name", ["ddp", "zero2"])
+def test_two_processes_give_the_single_process_weights(runs: dict[str, Path], name: str) -> None:
+    ref = load_file(runs["ref"] / "model.safetensors")
+    other = load_file(runs[name] / "model.safetensors")
+    assert ref.keys() == other.keys()
+    initial_moved = 0
+    for key, value in ref.items():
+        torch.testing.assert_close(other[key], value, rtol=1e-5, atol=1e-6, msg=lambda m, k=key: f"{k}: {m}")
+        initial_moved += int(value.abs().sum() > 0)
+    assert initial_moved > 0
+
+
+def test_two_process_evaluation_equals_single_process_evaluation(runs: dict[str, Path]) -> None:
+    from irra_dist.engine.evaluate import evaluate_target
+
+    during_training = _eval_row(runs["ddp"])["metrics"]
+    alone = evaluate_target(runs["ddp"], weights="last", batch_size=7, num_workers=0)
+    assert alone["num_gallery"] == 20 and alone["num_queries"] == 20
+    assert alone["metrics"].keys() == during_training.keys()
+    for key, value in during_training["t2i"].items():
+        assert alone["metrics"]["t2i"][key] == pytest.approx(value, abs=1e-4), key
+    # And the reference run's own evaluation saw the same model, hence the same ranking.
+    assert _eval_row(runs["ref"])["metrics"]["t2i"] == pytest.approx(during_training["t2i"], abs=1e-4)
+
+
+def test_deepspeed_run_stopped_mid_epoch_resumes_to_the_same_result(runs: dict[str, Path], launch) -> None:
+    """ZeRO-2 checkpoints (DeepSpeed's own files, written by every rank) resume to the uninterrupted run."""
+    recipe = runs["zero2"].parent.parent / "tiny.yaml"
+    args = ["--config", str(recipe), "train.run_name=zero2_resumed", "train.batch_size=8"]
+    ds = ["--num_processes", "2"]
+    done = launch("deepspeed_zero2.yaml", "train.py", [*args, "train.max_steps=3"], launcher_args=ds)
+    assert done.returncode == 0, done.stderr[-5000:]
+    part = runs["zero2"].parent / "zero2_resumed"
+    assert [r["step"] for r in _train_rows(part)] == [1, 2, 3]
+    done = launch("deepspeed_zero2.yaml", "train.py", ["--resume", str(part), "train.max_steps=0"],
+                  launcher_args=ds)
+    assert done.returncode == 0, done.stderr[-5000:]
+    resumed_rows, whole_rows = _train_rows(part), _train_rows(runs["zero2"])
+    assert [r["step"] for r in resumed_rows] == [1, 2, 3, 4, 5]
+    for a, b in zip(resumed_rows, whole_rows):
+        assert [a[k] for k in LOSS_KEYS] == [b[k] for k in LOSS_KEYS], a["step"]  # bit-identical
+    whole, resumed = load_file(runs["zero2"] / "model.safetensors"), load_file(part / "model.safetensors")
+    for key, value in whole.items():
+        assert torch.equal(resumed[key], value), key

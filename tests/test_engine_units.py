@@ -1,0 +1,136 @@
+"""Small engine pieces: precision and DeepSpeed settings from the recipe, W&B mode, gathering evaluation
+parts back into split order, metric rows."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from irra_dist.config import Config, ConfigError, config_from_dict
+from irra_dist.engine.accel import fill_deepspeed_config, resolve_mixed_precision
+from irra_dist.engine.evaluate import flat_metrics, gather_in_order
+from irra_dist.engine.runlog import MetricsWriter, read_metrics
+from irra_dist.engine.tracking import has_wandb_credentials, resolve_wandb_mode
+
+
+@pytest.mark.parametrize(("setting", "cuda", "bf16", "expected"), [
+    ("auto", False, False, "no"),
+    ("auto", True, True, "bf16"),
+    ("auto", True, False, "fp16"),
+    ("fp16", False, False, "fp16"),
+    ("no", True, True, "no"),
+])
+def test_mixed_precision_resolution(setting: str, cuda: bool, bf16: bool, expected: str) -> None:
+    assert resolve_mixed_precision(setting, cuda=cuda, bf16=bf16) == expected
+
+
+def _cfg(**train) -> Config:
+    return config_from_dict({"train": {"batch_size": 8, "grad_accum_steps": 3, **train},
+                             "optim": {"grad_clip": 0.0}})
+
+
+def test_deepspeed_auto_values_come_from_the_recipe() -> None:
+    ds = {"train_batch_size": "auto", "train_micro_batch_size_per_gpu": "auto",
+          "gradient_accumulation_steps": "auto", "gradient_clipping": "auto",
+          "zero_optimization": {"stage": 2}}
+    fill_deepspeed_config(ds, _cfg(), num_processes=4)
+    assert ds["train_micro_batch_size_per_gpu"] == 8
+    assert ds["gradient_accumulation_steps"] == 3
+    assert ds["train_batch_size"] == 8 * 3 * 4
+    assert ds["gradient_clipping"] == 0.0  # Accelerate would have filled "auto" with 1.0
+
+
+def test_deepspeed_missing_entries_are_added_and_agreeing_ones_kept() -> None:
+    ds = {"train_micro_batch_size_per_gpu": 8}
+    fill_deepspeed_config(ds, _cfg(), num_processes=2)
+    assert ds["train_batch_size"] == 48 and ds["gradient_accumulation_steps"] == 3
+
+
+@pytest.mark.parametrize(("entry", "fragment"), [
+    ({"train_micro_batch_size_per_gpu": 16}, "train.batch_size"),
+    ({"gradient_clipping": 1.0}, "optim.grad_clip"),
+    ({"optimizer": {"type": "AdamW"}}, "optimizer or scheduler"),
+])
+def test_deepspeed_contradictions_are_config_errors(entry: dict, fragment: str) -> None:
+    with pytest.raises(ConfigError, match=fragment):
+        fill_deepspeed_config(dict(entry), _cfg(), num_processes=2)
+
+
+def test_wandb_credentials_from_env_or_netrc(tmp_path: Path) -> None:
+    netrc = tmp_path / "netrc"
+    assert not has_wandb_credentials({}, netrc)
+    assert has_wandb_credentials({"WANDB_API_KEY": "k"}, netrc)
+    netrc.write_text("machine api.wandb.ai\n  login user\n  password secret\n")
+    netrc.chmod(0o600)
+    assert has_wandb_credentials({}, netrc)
+    assert not has_wandb_credentials({"WANDB_BASE_URL": "https://wandb.example.org"}, netrc)
+
+
+def test_wandb_mode_auto_is_offline_without_credentials_and_never_probes(tmp_path: Path, monkeypatch) -> None:
+    from irra_dist.engine import tracking
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("must not touch the network without credentials")
+
+    monkeypatch.setattr(tracking, "service_reachable", no_network)
+    assert resolve_wandb_mode("auto", {}, tmp_path / "none") == "offline"
+    assert resolve_wandb_mode("online", {"WANDB_MODE": "offline"}, tmp_path / "none") == "offline"
+    assert resolve_wandb_mode("online", {}, tmp_path / "none") == "online"
+
+
+def test_wandb_mode_auto_with_a_key_follows_reachability(monkeypatch, tmp_path: Path) -> None:
+    from irra_dist.engine import tracking
+
+    monkeypatch.setattr(tracking, "service_reachable", lambda url, timeout_s=3.0: True)
+    assert resolve_wandb_mode("auto", {"WANDB_API_KEY": "k"}, tmp_path / "none") == "online"
+    monkeypatch.setattr(tracking, "service_reachable", lambda url, timeout_s=3.0: False)
+    assert resolve_wandb_mode("auto", {"WANDB_API_KEY": "k"}, tmp_path / "none") == "offline"
+
+
+def test_unreachable_server_is_detected_quickly() -> None:
+    import time
+
+    from irra_dist.engine.tracking import service_reachable
+
+    start = time.monotonic()
+    assert not service_reachable("http://127.0.0.1:9", timeout_s=1.0)  # discard port: refused at once
+    assert time.monotonic() - start < 2.0
+
+
+class _OneProcess:
+    """The parts of an Accelerator that gather_in_order uses, for a single process."""
+
+    num_processes = 1
+
+    @staticmethod
+    def gather(tensor: torch.Tensor) -> torch.Tensor:
+        return tensor
+
+
+def test_gather_in_order_sorts_by_split_position() -> None:
+    feats = torch.arange(12.0).reshape(4, 3)
+    index = torch.tensor([2, 0, 3, 1])
+    pids = torch.tensor([20, 0, 30, 10])
+    f, p, i = gather_in_order(_OneProcess(), feats, pids, index)
+    assert i.tolist() == [0, 1, 2, 3]
+    assert p.tolist() == [0, 10, 20, 30]
+    assert torch.equal(f, feats[[1, 3, 0, 2]])
+
+
+def test_flat_metrics_names() -> None:
+    flat = flat_metrics({"t2i": {"R1": 1.0, "mAP": 2.0}, "i2t": {"R1": 3.0}})
+    assert flat == {"eval/t2i_R1": 1.0, "eval/t2i_mAP": 2.0, "eval/i2t_R1": 3.0}
+
+
+def test_metrics_writer_appends_and_truncates_after_a_step(tmp_path: Path) -> None:
+    writer = MetricsWriter(tmp_path / "metrics.jsonl", enabled=True)
+    for step in (1, 2, 3, 4):
+        writer.write({"kind": "train", "step": step})
+    with (tmp_path / "metrics.jsonl").open("a") as f:
+        f.write('{"kind": "tr')  # a torn line from a killed run
+    writer.truncate_after(2)
+    assert [row["step"] for row in read_metrics(tmp_path / "metrics.jsonl")] == [1, 2]
+    MetricsWriter(tmp_path / "other.jsonl", enabled=False).write({"step": 1})
+    assert not (tmp_path / "other.jsonl").exists()

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 from conftest import REPO, subprocess_env
+from PIL import Image
 
 from irra_dist.engine.cli import evaluate_main, train_main
 
@@ -138,6 +139,12 @@ def test_offline_wandb_run_holds_the_logged_metrics_and_eval_cli_reads_the_run(t
     r1 = [float(row["eval/t2i_R1"]) for row in history if "eval/t2i_R1" in row]
     assert r1 == [pytest.approx(eval_row["metrics"]["t2i"]["R1"])]
     assert "W&B is offline" in (run / "train_log.txt").read_text()
+    # the retrieval grid of the evaluation: a PNG in the run folder, logged to W&B as an image
+    grid = run / "retrieval" / "epoch_001.png"
+    with Image.open(grid) as image:
+        assert image.format == "PNG" and image.width > 0
+    images = [row for row in history if row.get("eval/retrieval_examples/_type") == '"image-file"']
+    assert len(images) == 1 and images[0]["eval/retrieval_examples/format"] == '"png"'
 
     # irra-eval on the run folder: the table on stdout and the same numbers in --out.
     capsys.readouterr()

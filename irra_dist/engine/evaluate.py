@@ -100,7 +100,7 @@ def _pad_rows(tensor: torch.Tensor, rows: int) -> torch.Tensor:
 
 
 def evaluate_retrieval(accelerator: Accelerator, model: nn.Module, gallery: Any, queries: Any,
-                       cfg: EvalConfig) -> Metrics:
+                       cfg: EvalConfig, on_features: Callable[..., None] | None = None) -> Metrics:
     """Embed, gather and score one evaluation split. All ranks call it; all get the same metrics.
 
     Args:
@@ -109,6 +109,8 @@ def evaluate_retrieval(accelerator: Accelerator, model: nn.Module, gallery: Any,
         gallery: this rank's gallery loader (``images``, ``pids``, ``index``).
         queries: this rank's query loader (``caption_ids``, ``pids``, ``index``).
         cfg: the ``eval`` section (``chunk_size``, ``i2t``).
+        on_features: called on the main process with the gathered ``gallery_feats, gallery_pids,
+            gallery_index, query_feats, query_index`` (e.g. to draw retrieval examples without re-embedding).
 
     Returns:
         ``{"t2i": {...}}`` plus ``"i2t"`` when ``cfg.i2t``; values in percent.
@@ -143,6 +145,8 @@ def evaluate_retrieval(accelerator: Accelerator, model: nn.Module, gallery: Any,
             if cfg.i2t:
                 result["i2t"] = retrieval_metrics(g_feats, q_feats, g_pids, q_pids, chunk_size=cfg.chunk_size)
             outcome = [result]
+            if on_features is not None:
+                on_features(g_feats, g_pids, g_index, q_feats, q_index)
         except RetrievalInputError as err:
             # Shared with the other ranks so that all of them stop instead of waiting in a collective.
             outcome = [str(err)]

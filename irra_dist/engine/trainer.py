@@ -17,7 +17,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -58,6 +58,7 @@ from irra_dist.evaluation.metrics import format_metrics_table
 from irra_dist.losses import irra_accuracies, irra_losses
 from irra_dist.model import CheckpointError, build_irra_from_config
 from irra_dist.optim import build_lr_scheduler, build_optimizer
+from irra_dist.search import RetrievalExamples
 
 logger = logging.getLogger(__name__)
 
@@ -247,6 +248,8 @@ class Trainer:
         self.scheduler = build_lr_scheduler(optimizer, cfg.optim, cfg.train.num_epochs, self.steps_per_epoch)
         self.model, self.optimizer = accelerator.prepare(model, optimizer)
         self.gallery = self.queries = None
+        self.examples: RetrievalExamples | None = None  # built on first use, main process only
+        self.examples_png: Path | None = None
         if cfg.eval.eval_period > 0:
             self.gallery, self.queries = build_eval_loaders(
                 cfg.data.shards, cfg.eval.split, rank=accelerator.process_index, world_size=self.world,
@@ -347,9 +350,28 @@ class Trainer:
                      | {"train/global_batch": self.cfg.train.batch_size * self.world * self.accum},
                      step=self.state.step)
 
+    def _draw_examples(self, epoch: int) -> Callable[..., None]:
+        """The evaluation hook that draws a few fixed queries' top-5 into retrieval/epoch_NNN.png."""
+
+        def draw(g_feats, g_pids, g_index, q_feats, q_index) -> None:
+            try:
+                if self.examples is None:
+                    self.examples = RetrievalExamples(self.cfg.data.shards, self.cfg.eval.split)
+                png = self.examples.save(self.run_dir / "retrieval" / f"epoch_{epoch:03d}.png",
+                                         g_feats, g_pids, g_index, q_feats, q_index)
+            except (OSError, ValueError) as err:  # a picture must never stop training
+                logger.warning("could not draw the retrieval examples: %s", err)
+                return
+            if png is not None:
+                self.examples_png = png
+
+        return draw
+
     def evaluate(self, epoch: int) -> bool:
         """Evaluate, log the table and metrics; True when R1 improved on the best so far."""
-        metrics = evaluate_retrieval(self.acc, self.model, self.gallery, self.queries, self.cfg.eval)
+        self.examples_png = None
+        metrics = evaluate_retrieval(self.acc, self.model, self.gallery, self.queries, self.cfg.eval,
+                                     on_features=self._draw_examples(epoch))
         r1 = metrics["t2i"]["R1"]
         improved = r1 > self.state.best_r1
         if improved:
@@ -359,7 +381,14 @@ class Trainer:
         logger.info("best R1: %.3f at epoch %d", self.state.best_r1, self.state.best_epoch)
         self.metrics.write({"kind": "eval", "epoch": epoch, "step": self.state.step,
                             "split": self.cfg.eval.split, "metrics": metrics})
-        self.acc.log(flat_metrics(metrics) | {"eval/best_R1": self.state.best_r1}, step=self.state.step)
+        logged = flat_metrics(metrics) | {"eval/best_R1": self.state.best_r1}
+        if self.examples_png is not None:
+            logger.info("retrieval examples: %s", self.examples_png)
+            if self.cfg.logging.wandb:
+                import wandb
+
+                logged["eval/retrieval_examples"] = wandb.Image(str(self.examples_png))
+        self.acc.log(logged, step=self.state.step)
         return improved
 
     def train_epoch(self, epoch: int) -> bool:

@@ -15,8 +15,6 @@ Run: ``python bench/bench_data.py [--quick] [--json PATH]``. On a synthetic CUHK
 
 from __future__ import annotations
 
-import argparse
-import json
 import sys
 import tarfile
 import tempfile
@@ -24,18 +22,17 @@ import time
 from pathlib import Path
 
 import torch
+from common import bench_main
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from irra_dist.data import transforms as tr  # noqa: E402
-from irra_dist.data.parsers import ParsedDataset, parse_dataset  # noqa: E402
-from irra_dist.data.pipeline import TrainLoader  # noqa: E402
-from irra_dist.data.shards import build_shards  # noqa: E402
-from irra_dist.data.synthetic import generate_synthetic_dataset  # noqa: E402
-from irra_dist.masking import mask_tokens  # noqa: E402
-from irra_dist.tokenizer import default_tokenizer, tokenize  # noqa: E402
+from irra_dist.data import transforms as tr
+from irra_dist.data.parsers import ParsedDataset, parse_dataset
+from irra_dist.data.pipeline import TrainLoader
+from irra_dist.data.shards import build_shards
+from irra_dist.data.synthetic import generate_synthetic_dataset
+from irra_dist.masking import mask_tokens
+from irra_dist.tokenizer import default_tokenizer, tokenize
 
 IMAGE_SIZE = (384, 128)
 BATCH = 32
@@ -134,27 +131,9 @@ def run(quick: bool) -> list[dict]:
     return rows
 
 
-def _table(rows: list[dict]) -> str:
-    header = f"{'benchmark':<52} {'value':>9} {'baseline':>9} {'ratio':>6}  unit"
-    lines = [header, "-" * len(header)]
-    lines += [f"{r['name']:<52} {r['value']:>9.1f} {r['baseline']:>9.1f} {r['ratio']:>6.2f}  {r['unit']}"
-              for r in rows]
-    return "\n".join(lines)
-
-
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="a reduced run (well under a minute)")
-    parser.add_argument("--json", type=Path, help="also write the rows as JSON to this path")
-    args = parser.parse_args(argv)
-    rows = run(args.quick)
-    print(_table(rows))
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        tmp = args.json.with_name(f".{args.json.name}.tmp")
-        tmp.write_text(json.dumps(rows, indent=1))
-        tmp.replace(args.json)
-    return 0
+    """Command line: print the table, optionally write the rows as JSON."""
+    return bench_main(run, __doc__, argv)
 
 
 if __name__ == "__main__":

@@ -12,14 +12,10 @@ Usage: python bench/bench_metrics.py [--quick] [--json PATH] [--device cpu|cuda]
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
-import subprocess
 import sys
-import tempfile
 import time
-from pathlib import Path
+
+from common import bench_main, measure_in_subprocess, peak_rss_growth, proc_kib, reset_peak_rss
 
 # Problem sizes: (queries, gallery, identities).
 FULL_SIZES = {"CUHK-PEDES": (6156, 3074, 1000), "ICFG-PEDES/2": (9924, 9924, 500),
@@ -35,6 +31,7 @@ FULL_SORT_BYTES_PER_PAIR = 42
 BASELINE_MAX_GIB = 8.0
 """Default cap on the baseline's estimated peak: the machines this runs on are shared."""
 METRICS = ("R1", "R5", "R10", "mAP", "mINP")
+FOOTER = "ratio = full sort / chunked; max |dM| = largest metric difference between the two, in % points"
 
 
 def official_rank(similarity, q_pids, g_pids, max_rank: int = 10):
@@ -74,14 +71,6 @@ def _synthetic(num_queries: int, num_gallery: int, num_ids: int, device: str):
     return [t.to(device) for t in (queries, gallery, q_pids, g_pids)]
 
 
-def _kib(path: str, field: str) -> int:
-    """A ``Field:  N kB`` entry of a /proc file (Linux only)."""
-    for line in Path(path).read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise RuntimeError(f"{field} missing from {path}")
-
-
 def _worker(method: str, num_queries: int, num_gallery: int, num_ids: int, device: str) -> dict:
     """Run one method once in this process and measure it."""
     import torch
@@ -96,8 +85,7 @@ def _worker(method: str, num_queries: int, num_gallery: int, num_ids: int, devic
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
     else:
-        Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
-        base = _kib("/proc/self/status", "VmRSS") * 1024
+        base = reset_peak_rss()
     start = time.perf_counter()
     if method == "chunked":
         result = retrieval_metrics(queries, gallery, q_pids, g_pids, chunk_size=CHUNK_SIZE)
@@ -109,24 +97,22 @@ def _worker(method: str, num_queries: int, num_gallery: int, num_ids: int, devic
     if cuda:
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start
-    peak = torch.cuda.max_memory_allocated() if cuda else _kib("/proc/self/status", "VmHWM") * 1024
-    return {"seconds": seconds, "peak_bytes": max(peak - base, 0), "metrics": result}
+    peak = max(torch.cuda.max_memory_allocated() - base, 0) if cuda else peak_rss_growth(base)
+    return {"seconds": seconds, "peak_bytes": peak, "metrics": result}
 
 
 def _available_bytes() -> int:
-    return _kib("/proc/meminfo", "MemAvailable") * 1024
+    return proc_kib("/proc/meminfo", "MemAvailable") * 1024
 
 
 def _measure(method: str, size: tuple[int, int, int], device: str) -> dict:
     """Run _worker in a fresh interpreter so peaks and caches of one run never leak into another."""
-    repo = Path(__file__).resolve().parents[1]
-    env = dict(os.environ, PYTHONPATH=f"{repo}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
-    with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp) / "result.json"
-        cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", method, *map(str, size), device,
-               str(out)]
-        subprocess.run(cmd, check=True, env=env, cwd=repo)
-        return json.loads(out.read_text())
+    return measure_in_subprocess(__file__, [method, *map(str, size), device])
+
+
+def _worker_main(args: list[str]) -> dict:
+    method, num_queries, num_gallery, num_ids, device = args
+    return _worker(method, int(num_queries), int(num_gallery), int(num_ids), device)
 
 
 def run(quick: bool, device: str = "cpu", baseline_max_gib: float = BASELINE_MAX_GIB) -> list[dict]:
@@ -168,43 +154,17 @@ def run(quick: bool, device: str = "cpu", baseline_max_gib: float = BASELINE_MAX
     return rows
 
 
-def _print_table(rows: list[dict]) -> None:
-    def fmt(x: float | None) -> str:
-        return "n/a" if x is None else f"{x:.3g}" if abs(x) < 100 else f"{x:.0f}"
-
-    header = f"{'measurement':<42} {'chunked':>10} {'full sort':>10} {'ratio':>7} {'unit':>5} {'max |dM|':>9}"
-    print(header)
-    print("-" * len(header))
-    for r in rows:
-        diff = "n/a" if r["metrics_max_abs_diff"] is None else f"{r['metrics_max_abs_diff']:.1e}"
-        print(f"{r['name']:<42} {fmt(r['value']):>10} {fmt(r['baseline']):>10} {fmt(r['ratio']):>7} "
-              f"{r['unit']:>5} {diff:>9}" + (f"  ({r['note']})" if r["note"] else ""))
-    print("ratio = full sort / chunked; max |dM| = largest metric difference between the two, in percent "
-          "points")
-
-
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
     """Command line: print the table, optionally write the rows as JSON."""
-    argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["--worker"]:
-        method, q, g, ids, device, out = argv[1:]
-        result = _worker(method, int(q), int(g), int(ids), device)
-        Path(out).write_text(json.dumps(result))
-        return
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="reduced sizes, well under a minute")
-    parser.add_argument("--json", type=Path, help="write the rows to this JSON file")
-    parser.add_argument("--device", default="cpu", help="cpu or cuda")
-    parser.add_argument("--baseline-max-gib", type=float, default=BASELINE_MAX_GIB,
-                        help="skip the full-sort baseline where its estimated peak memory exceeds this")
-    args = parser.parse_args(argv)
-    rows = run(args.quick, args.device, args.baseline_max_gib)
-    _print_table(rows)
-    if args.json:
-        tmp = args.json.with_name(args.json.name + ".tmp")
-        tmp.write_text(json.dumps(rows, indent=2))
-        tmp.replace(args.json)
+    options = [
+        ("--device", {"default": "cpu", "help": "cpu or cuda"}),
+        ("--baseline-max-gib", {"type": float, "default": BASELINE_MAX_GIB,
+                                "help": "skip the full-sort baseline where its estimated peak exceeds this"}),
+    ]
+    labels = {"value": "chunked", "baseline": "full sort", "metrics_max_abs_diff": "max |dM|"}
+    return bench_main(run, __doc__, argv, extra_args=options, worker=_worker_main, labels=labels,
+                      extra_columns=("metrics_max_abs_diff", "note"), footer=lambda rows: FOOTER)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -2,7 +2,7 @@
 
 Both variants are the same IRRA model with the same weights at a small configuration (width 256, 4 image
 and 4 text layers, cross-modal depth 4, image 192x64, batch 16, 77 tokens, the real 49,408-token
-vocabulary so that the MLM head costs what it costs in IRRA):
+vocabulary so that the MLM head costs what it costs in IRRA; ``--quick``: 2 + 2 layers, depth 2, batch 8):
 
 - ``irra_dist``: attention through ``F.scaled_dot_product_attention``, MLM head only at the masked
   positions, one text-tower pass (the official aliasing caption_ids == mlm_ids);
@@ -23,51 +23,57 @@ Usage: python bench/bench_model_step.py [--quick] [--json PATH] [--threads N]
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
+import dataclasses
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
-from pathlib import Path
+
+from common import bench_main, measure_in_subprocess, peak_rss_growth, reset_peak_rss
 
 CLIP_SIZES = dict(embed_dim=256, image_size=(192, 64), patch_size=16, stride_size=16, vision_width=256,
-                  vision_layers=4, vision_heads=4, context_length=77, vocab_size=49408, text_width=256,
-                  text_heads=4, text_layers=4)
-CMT_DEPTH = 4
-BATCH_SIZE = 16
+                  vision_heads=4, context_length=77, vocab_size=49408, text_width=256, text_heads=4)
 NUM_CLASSES = 11003  # CUHK-PEDES training identities
 VARIANTS = {
     "irra_dist": {"attn_impl": "sdpa", "mlm_logits_at_masked_only": True, "mask_global_text": True},
     "naive": {"attn_impl": "math", "mlm_logits_at_masked_only": False, "mask_global_text": False},
 }
 BASELINE = "naive"
-STEPS = {True: (1, 2), False: (2, 10)}  # (warm-up, timed) steps for quick / full runs
 # Pin glibc's mmap threshold: large tensors are then mmapped and unmapped on free, so RSS tracks them.
 MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "131072"}
 
 
-def _kib(path: str, field: str) -> int:
-    """A ``Field:  N kB`` entry of a /proc file (Linux only)."""
-    for line in Path(path).read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise RuntimeError(f"{field} missing from {path}")
+@dataclasses.dataclass(frozen=True)
+class StepSetup:
+    """The depth of the model, the batch and the steps of one run (the widths are CLIP_SIZES)."""
+
+    layers: int
+    """Image and text tower layers each."""
+    cmt_depth: int
+    batch_size: int
+    warmup: int
+    timed: int
+
+    @property
+    def clip_sizes(self) -> dict:
+        """Keyword arguments of build_irra for the towers."""
+        return {**CLIP_SIZES, "vision_layers": self.layers, "text_layers": self.layers}
+
+    @property
+    def label(self) -> str:
+        """The configuration in a few words, for the rows."""
+        height, width = CLIP_SIZES["image_size"]
+        return (f"w{CLIP_SIZES['vision_width']} {self.layers}+{self.layers} layers cmt{self.cmt_depth} "
+                f"{height}x{width} V{CLIP_SIZES['vocab_size']}")
 
 
-def _reset_peak() -> int:
-    """Reset VmHWM to the current RSS and return the current RSS in bytes."""
-    Path("/proc/self/clear_refs").write_text("5")
-    return _kib("/proc/self/status", "VmRSS") * 1024
+SETUPS = {
+    False: StepSetup(layers=4, cmt_depth=4, batch_size=16, warmup=2, timed=10),
+    # Shallower and half the batch: the quick run is a smoke run that must stay well under a minute.
+    True: StepSetup(layers=2, cmt_depth=2, batch_size=8, warmup=1, timed=2),
+}
 
 
-def _peak_growth(base: int) -> int:
-    return max(_kib("/proc/self/status", "VmHWM") * 1024 - base, 0)
-
-
-def _make_batch():
+def _make_batch(batch_size: int):
     """Synthetic captions of 15..45 words, masked with the official 15/80/10/10 rule (irra_dist.masking)."""
     import torch
 
@@ -76,8 +82,8 @@ def _make_batch():
 
     gen = torch.Generator().manual_seed(0)
     length = CLIP_SIZES["context_length"]
-    caption = torch.zeros(BATCH_SIZE, length, dtype=torch.long)
-    words = torch.randint(15, 46, (BATCH_SIZE,), generator=gen)
+    caption = torch.zeros(batch_size, length, dtype=torch.long)
+    words = torch.randint(15, 46, (batch_size,), generator=gen)
     for row, n in enumerate(words.tolist()):
         caption[row, 0] = SOT_ID
         caption[row, 1:n + 1] = torch.randint(1, MASK_ID, (n,), generator=gen)
@@ -86,28 +92,28 @@ def _make_batch():
     mlm_ids = torch.stack([m for m, _ in masked])
     labels = torch.stack([lab for _, lab in masked])
     # The official batch: caption_ids aliases mlm_ids (IRRA_SPEC 3.3).
-    return {"images": torch.randn(BATCH_SIZE, 3, *CLIP_SIZES["image_size"], generator=gen),
+    return {"images": torch.randn(batch_size, 3, *CLIP_SIZES["image_size"], generator=gen),
             "caption_ids": mlm_ids, "mlm_ids": mlm_ids, "mlm_labels": labels,
-            "pids": torch.arange(BATCH_SIZE) // 2}
+            "pids": torch.arange(batch_size) // 2}
 
 
-def _build(variant: str):
+def _build(variant: str, setup: StepSetup):
     import torch
 
     from irra_dist.model import build_irra
 
     torch.manual_seed(0)  # same weights for both variants
-    return build_irra(NUM_CLASSES, cmt_depth=CMT_DEPTH, **VARIANTS[variant], **CLIP_SIZES)
+    return build_irra(NUM_CLASSES, cmt_depth=setup.cmt_depth, **VARIANTS[variant], **setup.clip_sizes)
 
 
-def _worker(variant: str, quick: bool) -> dict:
+def _worker(variant: str, setup: StepSetup) -> dict:
     """Measure one variant: the MLM head alone first, then full training steps."""
-    model = _build(variant).train()
-    batch = _make_batch()
-    return {"head": _measure_mlm_head(model, batch, variant), "step": _measure_step(model, batch, quick)}
+    model = _build(variant, setup).train()
+    batch = _make_batch(setup.batch_size)
+    return {"head": _measure_mlm_head(model, batch, variant), "step": _measure_step(model, batch, setup)}
 
 
-def _measure_step(model, batch: dict, quick: bool) -> dict:
+def _measure_step(model, batch: dict, setup: StepSetup) -> dict:
     """Median time of full training steps and the peak memory of one step."""
     from irra_dist.losses import irra_losses
 
@@ -117,17 +123,16 @@ def _measure_step(model, batch: dict, quick: bool) -> dict:
         loss.backward()
         return loss.item()
 
-    warmup, timed = STEPS[quick]
-    for _ in range(warmup):
+    for _ in range(setup.warmup):
         step()
     times = []
-    for _ in range(timed):
+    for _ in range(setup.timed):
         start = time.perf_counter()
         loss = step()
         times.append(time.perf_counter() - start)
-    base = _reset_peak()
+    base = reset_peak_rss()
     step()
-    return {"seconds": statistics.median(times), "all_seconds": times, "peak_bytes": _peak_growth(base),
+    return {"seconds": statistics.median(times), "all_seconds": times, "peak_bytes": peak_rss_growth(base),
             "loss": loss, "masked_positions": int((batch["mlm_labels"] != 0).sum())}
 
 
@@ -150,32 +155,34 @@ def _measure_mlm_head(model, batch: dict, variant: str) -> dict:
     head_step()  # allocates the parameter gradients outside the measurement
     fused.grad = None
     model.zero_grad(set_to_none=True)
-    base = _reset_peak()
+    base = reset_peak_rss()
     start = time.perf_counter()
     head_step()
     seconds = time.perf_counter() - start
     positions = int((labels != 0).sum()) if masked_only else labels.shape[0]
-    return {"peak_bytes": _peak_growth(base), "seconds": seconds,
+    return {"peak_bytes": peak_rss_growth(base), "seconds": seconds,
             "logits_bytes": positions * CLIP_SIZES["vocab_size"] * 4, "positions": positions}
 
 
 def _measure(variant: str, quick: bool, threads: int) -> dict:
     """Run a worker in a fresh interpreter so that peaks and caches never leak between measurements."""
-    repo = Path(__file__).resolve().parents[1]
-    env = dict(os.environ, **MALLOC_ENV, PYTHONPATH=f"{repo}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
-    with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp) / "result.json"
-        cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", variant, str(int(quick)),
-               str(threads), str(out)]
-        subprocess.run(cmd, check=True, env=env, cwd=repo)
-        return json.loads(out.read_text())
+    return measure_in_subprocess(__file__, [variant, str(int(quick)), str(threads)], env=MALLOC_ENV)
+
+
+def _worker_main(args: list[str]) -> dict:
+    import torch
+
+    variant, quick, threads = args
+    torch.set_num_threads(int(threads))
+    return _worker(variant, SETUPS[bool(int(quick))])
 
 
 def run(quick: bool, threads: int = 1) -> list[dict]:
     """Measure both variants; rows carry ``value`` (irra_dist), ``baseline`` (naive) and ``ratio``.
 
     Args:
-        quick: fewer timed steps (1 warm-up + 2 timed instead of 2 + 10); well under a minute.
+        quick: the smaller setup of SETUPS (2 + 2 layers, cross-modal depth 2, batch 8) and 1 warm-up +
+            2 timed steps instead of 2 + 10; well under a minute.
         threads: torch intra-op threads in each worker (1 keeps timings stable on a shared machine).
 
     Returns:
@@ -186,18 +193,19 @@ def run(quick: bool, threads: int = 1) -> list[dict]:
     step = {v: r["step"] for v, r in results.items()}
     head = {v: r["head"] for v, r in results.items()}
     ours, base = "irra_dist", BASELINE
-    common = {"threads": threads, "batch_size": BATCH_SIZE, "config": "w256 4+4 layers cmt4 192x64 V49408",
+    setup = SETUPS[quick]
+    shared = {"threads": threads, "batch_size": setup.batch_size, "config": setup.label,
               "loss": step[ours]["loss"], "baseline_loss": step[base]["loss"],
               "masked_positions": step[ours]["masked_positions"]}
 
     def row(name: str, value: float, baseline: float, unit: str, method: str, **extra) -> dict:
         return {"name": name, "value": value, "unit": unit, "baseline": baseline,
-                "ratio": baseline / value if value > 0 else None, "method": method, **common, **extra}
+                "ratio": baseline / value if value > 0 else None, "method": method, **shared, **extra}
 
     mib = 2.0 ** -20
     return [
         row("train step fwd+bwd (median)", step[ours]["seconds"], step[base]["seconds"], "s",
-            f"wall clock, median of {STEPS[quick][1]} steps after {STEPS[quick][0]} warm-up",
+            f"wall clock, median of {setup.timed} steps after {setup.warmup} warm-up",
             step_seconds=step[ours]["all_seconds"], baseline_step_seconds=step[base]["all_seconds"]),
         row("train step peak activations", step[ours]["peak_bytes"] * mib, step[base]["peak_bytes"] * mib,
             "MiB", "measured: resident-set growth during one step"),
@@ -211,44 +219,19 @@ def run(quick: bool, threads: int = 1) -> list[dict]:
     ]
 
 
-def _print_table(rows: list[dict]) -> None:
-    def fmt(x: float | None) -> str:
-        return "n/a" if x is None else f"{x:.3g}" if abs(x) < 1000 else f"{x:.0f}"
-
-    header = f"{'measurement':<32} {'irra_dist':>10} {'naive':>10} {'ratio':>7} {'unit':>5}  method"
-    print(header)
-    print("-" * len(header))
-    for r in rows:
-        print(f"{r['name']:<32} {fmt(r['value']):>10} {fmt(r['baseline']):>10} {fmt(r['ratio']):>7} "
-              f"{r['unit']:>5}  {r['method']}")
+def _footer(rows: list[dict]) -> str:
     first = rows[0]
-    print(f"ratio = naive / irra_dist; {first['config']}, batch {first['batch_size']}, "
-          f"{first['masked_positions']} masked positions, {first['threads']} thread(s); "
-          f"loss {first['loss']:.5f} (irra_dist) vs {first['baseline_loss']:.5f} (naive)")
+    return (f"ratio = naive / irra_dist; {first['config']}, batch {first['batch_size']}, "
+            f"{first['masked_positions']} masked positions, {first['threads']} thread(s); "
+            f"loss {first['loss']:.5f} (irra_dist) vs {first['baseline_loss']:.5f} (naive)")
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
     """Command line: print the table, optionally write the rows as JSON."""
-    argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["--worker"]:
-        variant, quick, threads, out = argv[1:]
-        import torch
-
-        torch.set_num_threads(int(threads))
-        Path(out).write_text(json.dumps(_worker(variant, bool(int(quick)))))
-        return
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="fewer timed steps, well under a minute")
-    parser.add_argument("--json", type=Path, help="write the rows to this JSON file")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads per worker (default 1)")
-    args = parser.parse_args(argv)
-    rows = run(args.quick, args.threads)
-    _print_table(rows)
-    if args.json:
-        tmp = args.json.with_name(args.json.name + ".tmp")
-        tmp.write_text(json.dumps(rows, indent=2))
-        tmp.replace(args.json)
+    options = [("--threads", {"type": int, "default": 1, "help": "torch threads per worker (default 1)"})]
+    return bench_main(run, __doc__, argv, extra_args=options, worker=_worker_main, footer=_footer,
+                      labels={"value": "irra_dist", "baseline": "naive"}, extra_columns=("method",))
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -10,11 +10,9 @@ shape matters for time): the demo recipe's model at 96x32, and, without ``--quic
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import dataclasses
 import io
-import json
 import statistics
 import sys
 import tempfile
@@ -22,15 +20,14 @@ import time
 from pathlib import Path
 
 import torch
+from common import bench_main
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from irra_dist.config import load_config, save_config  # noqa: E402
-from irra_dist.data.parsers import parse_dataset  # noqa: E402
-from irra_dist.data.shards import build_shards  # noqa: E402
-from irra_dist.data.synthetic import generate_synthetic_dataset  # noqa: E402
-from irra_dist.model import build_irra_from_config, save_weights_safetensors  # noqa: E402
-from irra_dist.search import main as search_main  # noqa: E402
+from irra_dist.config import load_config, save_config
+from irra_dist.data.parsers import parse_dataset
+from irra_dist.data.shards import build_shards
+from irra_dist.data.synthetic import generate_synthetic_dataset
+from irra_dist.model import build_irra_from_config, save_weights_safetensors
+from irra_dist.search import main as search_main
 
 QUERY = "a woman wearing a red coat and black trousers, carrying a blue backpack"
 
@@ -98,27 +95,10 @@ def run(quick: bool) -> list[dict]:
     return rows
 
 
-def _table(rows: list[dict]) -> str:
-    header = f"{'benchmark':<52} {'cached':>9} {'uncached':>9} {'ratio':>7}  unit"
-    lines = [header, "-" * len(header)]
-    lines += [f"{r['name']:<52} {r['value']:>9.3f} {r['baseline']:>9.3f} {r['ratio']:>7.1f}  {r['unit']}"
-              for r in rows]
-    return "\n".join(lines)
-
-
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="a reduced run, well under a minute")
-    parser.add_argument("--json", type=Path, help="also write the rows as JSON to this path")
-    args = parser.parse_args(argv)
-    rows = run(args.quick)
-    print(_table(rows))
-    if args.json:
-        tmp = args.json.with_name(f".{args.json.name}.tmp")
-        tmp.write_text(json.dumps(rows, indent=1))
-        tmp.replace(args.json)
-    return 0
+    """Command line: print the table, optionally write the rows as JSON."""
+    return bench_main(run, __doc__, argv, labels={"value": "cached", "baseline": "uncached"})
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    sys.exit(main())

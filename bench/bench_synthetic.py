@@ -8,16 +8,14 @@ written (default: the system temporary folder); file creation there is part of t
 
 from __future__ import annotations
 
-import argparse
-import json
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from common import bench_main
 
-from irra_dist.data.synthetic import generate_synthetic_dataset  # noqa: E402
+from irra_dist.data.synthetic import generate_synthetic_dataset
 
 TARGET_IMAGES_PER_S = 500.0
 
@@ -59,28 +57,12 @@ def run(quick: bool, workdir: str | None = None) -> list[dict]:
     return rows
 
 
-def _table(rows: list[dict]) -> str:
-    header = f"{'benchmark':<42} {'value':>10} {'target':>10} {'ratio':>7}  unit"
-    lines = [header, "-" * len(header)]
-    lines += [f"{r['name']:<42} {r['value']:>10.0f} {r['baseline']:>10.0f} {r['ratio']:>7.2f}  {r['unit']}"
-              for r in rows]
-    return "\n".join(lines)
-
-
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="a reduced run (about 450 images per row)")
-    parser.add_argument("--json", type=Path, help="also write the rows as JSON to this path")
-    parser.add_argument("--dir", help="folder to write the images under (default: the system temp folder)")
-    args = parser.parse_args(argv)
-    rows = run(args.quick, args.dir)
-    print(_table(rows))
-    if args.json:
-        tmp = args.json.with_name(f".{args.json.name}.tmp")
-        tmp.write_text(json.dumps(rows, indent=1))
-        tmp.replace(args.json)
-    return 0
+    """Command line: print the table, optionally write the rows as JSON."""
+    options = [("--dir", {"dest": "workdir",
+                          "help": "folder to write the images under (default: the system temp folder)"})]
+    return bench_main(run, __doc__, argv, extra_args=options, labels={"baseline": "target"})
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    sys.exit(main())

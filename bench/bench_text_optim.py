@@ -9,23 +9,19 @@ Usage: python bench/bench_text_optim.py [--quick] [--json PATH]; ratio > 1 means
 
 from __future__ import annotations
 
-import argparse
-import json
 import random
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
+from common import bench_main
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from irra_dist.config import OptimConfig  # noqa: E402
-from irra_dist.masking import mask_tokens  # noqa: E402
-from irra_dist.optim import build_optimizer, param_settings  # noqa: E402
-from irra_dist.tokenizer import (  # noqa: E402
+from irra_dist.config import OptimConfig
+from irra_dist.masking import mask_tokens
+from irra_dist.optim import build_optimizer, param_settings
+from irra_dist.tokenizer import (
     _PATTERN,
     EOT_ID,
     MASK_ID,
@@ -172,20 +168,10 @@ def _measure(quick: bool) -> list[dict]:
     return rows
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="reduced run, well under a minute")
-    parser.add_argument("--json", type=Path, help="also write the rows as JSON here")
-    args = parser.parse_args(argv)
-    rows = run(args.quick)
-    print(f"{'benchmark':52s} {'irra_dist':>14s} {'official-style':>15s} {'ratio':>7s}  unit")
-    for r in rows:
-        print(f"{r['name']:52s} {r['value']:14.1f} {r['baseline']:15.1f} {r['ratio']:7.2f}  {r['unit']}")
-    if args.json:
-        tmp = args.json.with_name(args.json.name + ".tmp")
-        tmp.write_text(json.dumps(rows, indent=2))
-        tmp.replace(args.json)
+def main(argv: list[str] | None = None) -> int:
+    """Command line: print the table, optionally write the rows as JSON."""
+    return bench_main(run, __doc__, argv, labels={"value": "irra_dist", "baseline": "official-style"})
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -6,12 +6,12 @@ synthetic shard set, with evaluation and W&B off, for a fixed number of optimize
 median of the per-step samples/s the trainer logs (metrics.jsonl) after warm-up steps.
 The baseline is 1 process with PyTorch's default intra-op threads (one per core); 1 process with one thread
 and 2 processes with one thread each (as Accelerate sets it for CPU processes) are compared with it. All
-runs keep the demo's global batch of 64. No accuracy is measured here.
+runs keep the demo's global batch of 64 (``--quick``: a global batch of 16 and 2 timed steps, since each
+run's start-up of several seconds dominates there). No accuracy is measured here.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import statistics
@@ -21,10 +21,12 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from common import REPO_ROOT, bench_main
 
-from irra_dist.config import load_config, resolve_recipe  # noqa: E402
+from irra_dist.config import load_config, resolve_recipe
+
+QUICK_GLOBAL_BATCH = 16
+"""Global batch of --quick runs (the full run keeps the demo's 64); even, so that 2 processes split it."""
 
 
 def _build_shards(root: Path) -> Path:
@@ -38,17 +40,16 @@ def _build_shards(root: Path) -> Path:
     return out
 
 
-def _train(processes: int, shards: Path, out: Path, warmup: int, steps: int, threads: int | None = None,
-           ) -> tuple[float, float]:
+def _train(processes: int, shards: Path, out: Path, warmup: int, steps: int, global_batch: int,
+           threads: int | None = None) -> tuple[float, float]:
     """Train `warmup` + `steps` steps with `processes` processes (and `threads` intra-op threads each, None:
-    the default); return (median samples/s of the last `steps` steps, wall seconds)."""
-    demo = load_config(resolve_recipe("demo"))
-    per_device = demo.train.batch_size // processes  # the global batch stays the demo's
+    the default) at `global_batch`; return (median samples/s of the last `steps` steps, wall seconds)."""
+    per_device = global_batch // processes
     name = f"p{processes}_t{threads or 0}"
     args = [f"data.shards={shards}", f"train.output_dir={out}", f"train.run_name={name}",
             f"train.batch_size={per_device}", f"train.max_steps={warmup + steps}", "train.log_period=1",
             "eval.eval_period=0", "data.num_workers=1", "--no-wandb"]
-    env = dict(os.environ, PYTHONPATH=str(REPO), WANDB_MODE="offline")
+    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), WANDB_MODE="offline")
     if threads is not None:
         env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     if processes == 1:
@@ -58,7 +59,7 @@ def _train(processes: int, shards: Path, out: Path, warmup: int, steps: int, thr
                "accelerate_configs/cpu_2proc.yaml", "--num_processes", str(processes), "launch/train.py",
                *args]
     start = time.perf_counter()
-    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
+    done = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True)
     wall = time.perf_counter() - start
     if done.returncode != 0:
         raise RuntimeError(f"{processes}-process training failed:\n{done.stderr[-3000:]}")
@@ -68,44 +69,31 @@ def _train(processes: int, shards: Path, out: Path, warmup: int, steps: int, thr
 
 
 def run(quick: bool) -> list[dict]:
-    """Measure 1 and 2 processes; rows: name, value (samples/s), unit, baseline (1 process), ratio."""
-    warmup, steps = (1, 3) if quick else (2, 20)
+    """Measure 1 and 2 processes; rows: name, value (samples/s), unit, baseline (1 process), ratio.
+
+    Args:
+        quick: 1 warm-up and 2 timed steps at a global batch of 16 instead of 2 and 20 at 64.
+    """
+    warmup, steps = (1, 2) if quick else (2, 20)
+    global_batch = QUICK_GLOBAL_BATCH if quick else load_config(resolve_recipe("demo")).train.batch_size
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         shards = _build_shards(root)
         # (label, processes, threads per process); the first is the baseline.
         setups = [("1 process, default threads", 1, None), ("1 process, 1 thread", 1, 1),
                   ("2 processes (DDP, gloo), 1 thread each", 2, None)]
-        if quick:
-            del setups[1]  # each run costs several seconds of start-up
-        results = [(label, *_train(p, shards, root / "runs", warmup, steps, t)) for label, p, t in setups]
+        results = [(label, *_train(p, shards, root / "runs", warmup, steps, global_batch, t))
+                   for label, p, t in setups]
     base = results[0][1]
     return [{"name": f"demo model, {label}", "value": speed, "unit": "samples/s", "baseline": base,
-             "ratio": speed / base, "steps": steps, "wall_s": wall} for label, speed, wall in results]
-
-
-def _table(rows: list[dict]) -> str:
-    header = f"{'benchmark':<55} {'value':>9} {'baseline':>9} {'ratio':>6}  unit"
-    lines = [header, "-" * len(header)]
-    lines += [f"{r['name']:<55} {r['value']:>9.1f} {r['baseline']:>9.1f} {r['ratio']:>6.2f}  {r['unit']}"
-              for r in rows]
-    return "\n".join(lines)
+             "ratio": speed / base, "steps": steps, "global_batch": global_batch, "wall_s": wall}
+            for label, speed, wall in results]
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true",
-                        help="3 measured steps instead of 20, and no 1-thread row")
-    parser.add_argument("--json", type=Path, help="also write the rows as JSON to this path")
-    args = parser.parse_args(argv)
-    rows = run(args.quick)
-    print(_table(rows))
-    if args.json:
-        tmp = args.json.with_name(f".{args.json.name}.tmp")
-        tmp.write_text(json.dumps(rows, indent=1))
-        tmp.replace(args.json)
-    return 0
+    """Command line: print the table, optionally write the rows as JSON."""
+    return bench_main(run, __doc__, argv)
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    sys.exit(main())

@@ -26,30 +26,22 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import gc
-import json
 import logging
-import os
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
+from common import format_table, write_json
+from flops import IrraShape, forward_macs, peak_bf16_tflops, training_flops
 
-BENCH_DIR = Path(__file__).resolve().parent
-for _path in (str(BENCH_DIR), str(BENCH_DIR.parent)):
-    if _path not in sys.path:
-        sys.path.insert(0, _path)
-
-from flops import IrraShape, forward_macs, peak_bf16_tflops, training_flops  # noqa: E402
-
-from irra_dist.losses import irra_losses  # noqa: E402
-from irra_dist.masking import mask_tokens  # noqa: E402
-from irra_dist.model import IRRA, build_irra  # noqa: E402
-from irra_dist.optim import build_optimizer  # noqa: E402
-from irra_dist.tokenizer import EOT_ID, MASK_ID, SOT_ID  # noqa: E402
+from irra_dist.losses import irra_losses
+from irra_dist.masking import mask_tokens
+from irra_dist.model import IRRA, build_irra
+from irra_dist.optim import build_optimizer
+from irra_dist.tokenizer import EOT_ID, MASK_ID, SOT_ID
 
 logger = logging.getLogger("bench.gpu_step")
 
@@ -420,38 +412,6 @@ def run(quick: bool) -> list[dict[str, Any]]:
     return benchmark(setup, _cuda_device())
 
 
-def format_table(rows: list[dict[str, Any]]) -> str:
-    """Plain-text table: metric, irra_dist, naive, unit, ratio."""
-    header = ("metric", "irra_dist", "naive", "unit", "ratio")
-    body = [
-        (
-            r["name"],
-            f"{r['value']:.4g}",
-            "-" if r["baseline"] is None else f"{r['baseline']:.4g}",
-            r["unit"],
-            "-" if r["ratio"] is None else f"x{r['ratio']:.3g}",
-        )
-        for r in rows
-    ]
-    widths = [max(len(line[i]) for line in (header, *body)) for i in range(len(header))]
-    lines = [
-        "  ".join(c.ljust(w) if i in (0, 3) else c.rjust(w) for i, (c, w) in enumerate(zip(line, widths)))
-        for line in (header, *body)
-    ]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
-
-
-def write_json(path: Path, rows: list[dict[str, Any]]) -> None:
-    """Write the rows to `path` through a temporary file in the same folder."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        json.dump(rows, f, indent=2)
-        f.write("\n")
-    os.replace(tmp, path)
-
-
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
@@ -503,7 +463,7 @@ def main(argv: list[str] | None = None) -> int:
             eval_steps=max(1, steps // 2),
         )
     rows = benchmark(setup, device, compile_model=args.compile, peak_tflops=args.peak_tflops)
-    print(format_table(rows))
+    print(format_table(rows, labels={"value": "irra_dist", "baseline": "naive"}))
     if args.json is not None:
         write_json(args.json, rows)
         print(f"wrote {args.json}")

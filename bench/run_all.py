@@ -30,6 +30,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from common import format_ratio, format_table, format_value
+
+from irra_dist.fileio import atomic_write_text
+
 logger = logging.getLogger("bench.run_all")
 
 BENCH_DIR = Path(__file__).resolve().parent
@@ -270,40 +274,6 @@ def result_rows(results: list[ModuleResult]) -> list[dict[str, Any]]:
     return rows
 
 
-def _fmt(value: Any) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    return str(value)
-
-
-def format_table(rows: list[dict[str, Any]]) -> str:
-    """Plain-text table: benchmark, metric, value, unit, baseline, ratio."""
-    header = ["benchmark", "metric", "value", "unit", "baseline", "ratio"]
-    body = [
-        [
-            r["benchmark"],
-            str(r["name"]),
-            _fmt(r["value"]),
-            str(r.get("unit", "")),
-            _fmt(r.get("baseline")),
-            "-" if r.get("ratio") is None else f"x{r['ratio']:.3g}",
-        ]
-        for r in rows
-    ]
-    widths = [max(len(line[i]) for line in [header] + body) for i in range(len(header))]
-    numeric = {2, 4, 5}
-
-    def line(cells: list[str]) -> str:
-        return "  ".join(
-            c.rjust(w) if i in numeric else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths))
-        )
-
-    rule = "  ".join("-" * w for w in widths)
-    return "\n".join([line(header), rule] + [line(b) for b in body])
-
-
 def format_markdown(payload: dict[str, Any]) -> str:
     """Markdown for docs/BENCHMARKS.md: the machine, the command, then one table per benchmark."""
     m = payload["machine"]
@@ -315,7 +285,8 @@ def format_markdown(payload: dict[str, Any]) -> str:
     for module in payload["modules"]:
         lines += [
             "",
-            f"#### {module['name']} ({module['wall_s']:.0f} s, peak RSS {_fmt(module['peak_rss_mib'])} MiB)",
+            f"#### {module['name']} ({module['wall_s']:.0f} s, "
+            f"peak RSS {format_value(module['peak_rss_mib'])} MiB)",
             "",
         ]
         if not module["ok"]:
@@ -324,20 +295,10 @@ def format_markdown(payload: dict[str, Any]) -> str:
         lines += ["| metric | value | unit | baseline | ratio |", "|---|---:|---|---:|---:|"]
         for r in payload["rows"]:
             if r["benchmark"] == module["name"]:
-                ratio = "-" if r["ratio"] is None else f"x{r['ratio']:.3g}"
-                lines.append(
-                    f"| {r['name']} | {_fmt(r['value'])} | {r['unit']} | {_fmt(r['baseline'])} | {ratio} |"
-                )
+                cells = [r["name"], format_value(r["value"]), r["unit"], format_value(r["baseline"]),
+                         format_ratio(r["ratio"])]
+                lines.append(f"| {' | '.join(cells)} |")
     return "\n".join(lines) + "\n"
-
-
-def write_text(path: Path, text: str) -> None:
-    """Write `text` to `path` through a temporary file in the same folder, then rename it into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -384,11 +345,12 @@ def main(argv: list[str] | None = None) -> int:
         results.append(result)
 
     rows = result_rows(results)
-    print(format_table(rows))
+    print(format_table(rows, leading=("benchmark",)))
     print()
     print("module            status   wall s  peak RSS MiB")
     for r in results:
-        print(f"{r.name:<17} {'ok' if r.ok else 'FAILED':<7} {r.wall_s:7.1f}  {_fmt(r.peak_rss_mib):>12}")
+        status = "ok" if r.ok else "FAILED"
+        print(f"{r.name:<17} {status:<7} {r.wall_s:7.1f}  {format_value(r.peak_rss_mib):>12}")
     for r in results:
         if not r.ok:
             print(f"\n{r.name} failed: {r.error}")
@@ -408,10 +370,10 @@ def main(argv: list[str] | None = None) -> int:
         ],
         "rows": rows,
     }
-    write_text(args.json, json.dumps(payload, indent=2) + "\n")
+    atomic_write_text(args.json, json.dumps(payload, indent=2) + "\n")
     print(f"\nwrote {args.json}")
     if args.markdown is not None:
-        write_text(args.markdown, format_markdown(payload))
+        atomic_write_text(args.markdown, format_markdown(payload))
         print(f"wrote {args.markdown}")
     return 0 if all(r.ok for r in results) else 1
 

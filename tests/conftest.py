@@ -123,3 +123,22 @@ def launch() -> Callable[..., subprocess.CompletedProcess]:
                               timeout=timeout)
 
     return run
+
+
+@pytest.fixture(scope="session")
+def demo_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    """The out-of-the-box demo exactly as ``make demo`` runs it (``accelerate launch launch/train.py`` with no
+    recipe), with only its output folders moved into a temporary directory: it generates the synthetic
+    dataset and its shards, trains and evaluates. Returns (run folder, console output). Several minutes."""
+    root = tmp_path_factory.mktemp("demo")
+    accelerate = Path(sys.executable).with_name("accelerate")
+    env = subprocess_env()
+    for limit in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):  # the demo uses every core, as for a user
+        env.pop(limit)
+    cmd = [str(accelerate), "launch", "--main_process_port", str(free_port()), "launch/train.py",
+           f"data.shards={root / 'shards' / 'demo'}", f"train.output_dir={root / 'runs'}",
+           "train.run_name=demo"]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=1200)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 0, output[-3000:]
+    return root / "runs" / "demo", output

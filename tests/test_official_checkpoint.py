@@ -177,7 +177,8 @@ def test_bad_checkpoints_give_one_clear_error(tmp_path: Path):
 def test_safetensors_keeps_head_counts_that_break_the_width_rule(tmp_path: Path):
     # width 128 with 4 heads: OpenAI's width // 64 rule would rebuild it with 2 heads and wrong outputs.
     torch.manual_seed(0)
-    sizes = {**SIZES, "embed_dim": 128, "vision_width": 128, "vision_heads": 4, "text_width": 128, "text_heads": 4}
+    sizes = {**SIZES, "embed_dim": 128, "vision_width": 128, "vision_heads": 4, "text_width": 128,
+             "text_heads": 4}
     model = build_irra(NUM_CLASSES, cmt_depth=1, **sizes).eval()
     path = tmp_path / "weights.safetensors"
     save_weights_safetensors(model, path)

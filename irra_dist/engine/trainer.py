@@ -105,8 +105,12 @@ def _new_run_dir(accelerator: Accelerator, cfg: Config) -> Path:
     return run_dir
 
 
-def build_demo_shards(shards_dir: Path) -> None:
-    """Generate the synthetic demo dataset and write its shards to `shards_dir` (raw images are dropped)."""
+def build_demo_shards(shards_dir: Path, image_size: tuple[int, int]) -> None:
+    """Generate the synthetic demo dataset and write its shards to `shards_dir` (raw images are dropped).
+
+    Images are stored pre-resized to the training size as raw PPM, the fastest format to load
+    (docs/BENCHMARKS.md), since the demo is bounded by the CPU.
+    """
     import tempfile
 
     from irra_dist.data.shards import build_shards
@@ -116,7 +120,8 @@ def build_demo_shards(shards_dir: Path) -> None:
     with tempfile.TemporaryDirectory(dir=shards_dir.parent, prefix=f".{shards_dir.name}-raw-") as raw:
         workers = max(1, min(4, os.cpu_count() or 1))
         dataset = generate_synthetic_dataset(Path(raw) / "CUHK-PEDES", workers=workers)
-        build_shards("CUHK-PEDES", dataset, shards_dir, progress=False)
+        build_shards("CUHK-PEDES", dataset, shards_dir, pre_resize=tuple(image_size), pre_resize_format="ppm",
+                     workers=workers, progress=False)
 
 
 def ensure_shards(accelerator: Accelerator, cfg: Config) -> None:
@@ -126,7 +131,7 @@ def ensure_shards(accelerator: Accelerator, cfg: Config) -> None:
         return  # a missing set is reported by the loader with a one-line ShardError
     if accelerator.is_main_process:
         logger.info("no shards in %s: generating the synthetic demo dataset and its shards", shards)
-        build_demo_shards(shards)
+        build_demo_shards(shards, cfg.model.image_size)
     accelerator.wait_for_everyone()
 
 
@@ -250,6 +255,7 @@ class Trainer:
         self.gallery = self.queries = None
         self.examples: RetrievalExamples | None = None  # built on first use, main process only
         self.examples_png: Path | None = None
+        self.last_metrics: dict | None = None
         if cfg.eval.eval_period > 0:
             self.gallery, self.queries = build_eval_loaders(
                 cfg.data.shards, cfg.eval.split, rank=accelerator.process_index, world_size=self.world,
@@ -372,6 +378,7 @@ class Trainer:
         self.examples_png = None
         metrics = evaluate_retrieval(self.acc, self.model, self.gallery, self.queries, self.cfg.eval,
                                      on_features=self._draw_examples(epoch))
+        self.last_metrics = metrics
         r1 = metrics["t2i"]["R1"]
         improved = r1 > self.state.best_r1
         if improved:
@@ -494,6 +501,16 @@ class Trainer:
             logger.info("training complete: %d epochs, %d steps, %d non-finite steps skipped; best R1 %.3f "
                         "at epoch %d", cfg.train.num_epochs, self.state.step, self.state.nonfinite_steps,
                         self.state.best_r1, self.state.best_epoch)
+            self._log_summary()
+
+    def _log_summary(self) -> None:
+        """The last lines a user reads: final metrics, where the run is, and a picture to open."""
+        if self.last_metrics is not None:
+            logger.info("final %s metrics (epoch %d):\n%s", self.cfg.eval.split, self.cfg.train.num_epochs,
+                        format_metrics_table(self.last_metrics))
+        logger.info("run folder: %s", self.run_dir.resolve())
+        if self.examples_png is not None:
+            logger.info("retrieval picture: %s", self.examples_png.resolve())
 
 
 def train(cfg: Config, *, resume: str | os.PathLike | None = None) -> Path:

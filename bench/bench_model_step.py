@@ -28,16 +28,11 @@ import statistics
 import sys
 import time
 
-from common import bench_main, measure_in_subprocess, peak_rss_growth, reset_peak_rss
+from common import BASELINE, VARIANTS, bench_main, measure_in_subprocess, peak_rss_growth, reset_peak_rss
 
 CLIP_SIZES = dict(embed_dim=256, image_size=(192, 64), patch_size=16, stride_size=16, vision_width=256,
                   vision_heads=4, context_length=77, vocab_size=49408, text_width=256, text_heads=4)
 NUM_CLASSES = 11003  # CUHK-PEDES training identities
-VARIANTS = {
-    "irra_dist": {"attn_impl": "sdpa", "mlm_logits_at_masked_only": True, "mask_global_text": True},
-    "naive": {"attn_impl": "math", "mlm_logits_at_masked_only": False, "mask_global_text": False},
-}
-BASELINE = "naive"
 # Pin glibc's mmap threshold: large tensors are then mmapped and unmapped on free, so RSS tracks them.
 MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "131072"}
 

@@ -31,6 +31,13 @@ if str(REPO_ROOT) not in sys.path:
 
 from irra_dist.fileio import atomic_write_text  # noqa: E402
 
+VARIANTS: dict[str, dict[str, Any]] = {
+    "irra_dist": {"attn_impl": "sdpa", "mlm_logits_at_masked_only": True, "mask_global_text": True},
+    "naive": {"attn_impl": "math", "mlm_logits_at_masked_only": False, "mask_global_text": False},
+}
+"""The two IRRA models the step benchmarks compare (``build_irra`` options): irra_dist's and the official
+computation (explicit-softmax attention, MLM logits at every position, a second text-tower pass)."""
+BASELINE = "naive"
 WORKER_FLAG = "--_worker"
 """First argument of the command line that runs one measurement of a module in a fresh interpreter."""
 ROW_COLUMNS = ("name", "value", "unit", "baseline", "ratio")
@@ -159,7 +166,9 @@ def measure_in_subprocess(
         subprocess.CalledProcessError: the worker failed (its output went to this process's stderr).
     """
     child_env = dict(os.environ, **(env or {}))
-    child_env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))
+    # The repository for irra_dist, the bench folder for this module (a script outside bench/ imports it too).
+    paths = [str(REPO_ROOT), str(BENCH_DIR), os.environ.get("PYTHONPATH")]
+    child_env["PYTHONPATH"] = os.pathsep.join(filter(None, paths))
     with tempfile.TemporaryDirectory(prefix="bench_worker_") as tmp:
         out = Path(tmp) / "result.json"
         cmd = [sys.executable, str(Path(script).resolve()), WORKER_FLAG, *map(str, args), str(out)]

@@ -16,7 +16,9 @@ Counting rules (the usual ones for transformer MFU, e.g. the PaLM and Chinchilla
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from typing import Any
 
 # A MAC is a multiply and an add.
 FLOPS_PER_MAC = 2
@@ -60,6 +62,17 @@ class IrraShape:
     num_classes: int = 11003
     mlp_ratio: int = 4
     """Hidden width of every transformer MLP over its model width (CLIP: 4)."""
+
+    @classmethod
+    def from_sizes(cls, sizes: Mapping[str, Any], cmt_depth: int, num_classes: int) -> IrraShape:
+        """The shape of a model built with ``build_irra(num_classes, cmt_depth=..., **sizes)``.
+
+        Keys that set no matrix size (the head counts) are ignored.
+        """
+        names = {f.name for f in fields(cls)}
+        kept = {k: v for k, v in sizes.items() if k in names}
+        return cls(**{**kept, "image_size": tuple(sizes["image_size"]), "cmt_depth": cmt_depth,
+                      "num_classes": num_classes})
 
     @property
     def num_patches(self) -> int:

@@ -34,12 +34,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from common import format_table, write_json
+from common import BASELINE, VARIANTS, format_table, write_json
 from flops import IrraShape, forward_macs, peak_bf16_tflops, training_flops
 
 from irra_dist.losses import irra_losses
 from irra_dist.masking import mask_tokens
 from irra_dist.model import IRRA, build_irra
+from irra_dist.model.clip import ClipSizes
 from irra_dist.optim import build_optimizer
 from irra_dist.tokenizer import EOT_ID, MASK_ID, SOT_ID
 
@@ -52,13 +53,6 @@ NUM_EPOCHS = 60
 # Maskable BPE tokens per caption: CUHK-PEDES captions average about 23.5 words, plus punctuation and
 # sub-word splits; only sets how many positions the masked-only MLM head sees (about 4 per caption).
 CAPTION_TOKENS = 28
-
-VARIANTS: dict[str, dict[str, Any]] = {
-    "irra_dist": {"attn_impl": "sdpa", "mlm_logits_at_masked_only": True, "mask_global_text": True},
-    "naive": {"attn_impl": "math", "mlm_logits_at_masked_only": False, "mask_global_text": False},
-}
-BASELINE = "naive"
-
 
 class NoGpuError(RuntimeError):
     """The benchmark needs CUDA; the message says how to run the CPU dry run instead."""
@@ -80,39 +74,14 @@ class BenchSetup:
     @property
     def shape(self) -> IrraShape:
         """The FLOP-count view of these sizes."""
-        s = self.clip_sizes
-        return IrraShape(
-            image_size=tuple(s["image_size"]),
-            patch_size=s["patch_size"],
-            stride_size=s["stride_size"],
-            vision_width=s["vision_width"],
-            vision_layers=s["vision_layers"],
-            embed_dim=s["embed_dim"],
-            context_length=s["context_length"],
-            text_width=s["text_width"],
-            text_layers=s["text_layers"],
-            vocab_size=s["vocab_size"],
-            cmt_depth=self.cmt_depth,
-            num_classes=self.num_classes,
-        )
+        return IrraShape.from_sizes(self.clip_sizes, self.cmt_depth, self.num_classes)
 
 
-PAPER_SIZES: dict[str, Any] = {
-    "embed_dim": 512,
-    "image_size": (384, 128),
-    "patch_size": 16,
-    "stride_size": 16,
-    "vision_width": 768,
-    "vision_layers": 12,
-    "vision_heads": 12,
-    "context_length": 77,
-    "vocab_size": 49408,
-    "text_width": 512,
-    "text_heads": 8,
-    "text_layers": 12,
-}
+# ClipSizes' defaults are the paper's ViT-B/16 towers.
+PAPER_SIZES: dict[str, Any] = dataclasses.asdict(ClipSizes())
 # Tiny towers for the CPU dry run; the vocabulary stays full size because the token ids must fit it.
 TINY_SIZES: dict[str, Any] = {
+    **PAPER_SIZES,
     "embed_dim": 32,
     "image_size": (32, 16),
     "patch_size": 8,
@@ -120,8 +89,6 @@ TINY_SIZES: dict[str, Any] = {
     "vision_width": 32,
     "vision_layers": 1,
     "vision_heads": 2,
-    "context_length": 77,
-    "vocab_size": 49408,
     "text_width": 32,
     "text_heads": 2,
     "text_layers": 1,

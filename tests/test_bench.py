@@ -1,9 +1,12 @@
-"""The benchmark tooling: FLOP counts against hand-written sums and PyTorch's own counter, run_all's
-failure handling, and smoke runs of `bench/run_all.py --quick` and `bench/gpu_step.py --dry-run`."""
+"""The benchmark tooling: FLOP counts against hand-written sums and PyTorch's own counter, the shared
+command line and table (bench/common.py), run_all's failure handling, and smoke runs of
+`bench/run_all.py --quick` and `bench/gpu_step.py --dry-run`."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +18,7 @@ REPO = Path(__file__).resolve().parents[1]
 BENCH = REPO / "bench"
 sys.path.insert(0, str(BENCH))
 
+import common  # noqa: E402
 import flops  # noqa: E402
 import run_all  # noqa: E402
 
@@ -75,6 +79,15 @@ def test_expected_masked_tokens_is_fifteen_percent_with_at_least_one():
     assert flops.expected_masked_tokens(2) == 1.0
 
 
+def test_gpu_step_paper_setup_has_the_paper_shape():
+    import gpu_step
+
+    # IrraShape's defaults are the paper's ViT-B/16 model on CUHK-PEDES, written out in flops.py.
+    assert gpu_step.paper_setup().shape == flops.IrraShape()
+    tiny = gpu_step.dry_run_setup().shape
+    assert (tiny.vision_width, tiny.text_layers, tiny.num_patches, tiny.vocab_size) == (32, 1, 8, 49408)
+
+
 @pytest.mark.parametrize(("name", "tflops"), [
     ("NVIDIA H100 80GB HBM3", 989.0), ("NVIDIA H100 PCIe", 756.0), ("NVIDIA H200", 989.0),
     ("NVIDIA A100-SXM4-80GB", 312.0), ("NVIDIA GeForce RTX 3090", 71.0), ("NVIDIA L4", 121.0),
@@ -121,6 +134,103 @@ def test_count_equals_pytorch_flop_counter_on_the_real_model(masked_only):
 
 
 # ---------------------------------------------------------------------------------------------------------
+# common: the shared command line, table and workers
+
+ROW = {"name": "x", "value": 2.0, "unit": "s", "baseline": 4.0, "ratio": 2.0}
+
+
+def test_format_table_by_hand():
+    rows = [{"name": "a", "value": 1.5, "unit": "s", "baseline": 3.0, "ratio": 2.0, "method": "m"},
+            {"name": "bb", "value": 12345.6, "unit": "MiB", "baseline": None, "ratio": None}]
+    assert common.format_table(rows, extra=("method",), labels={"value": "ours"}).splitlines() == [
+        "metric       ours  unit  baseline  ratio  method",
+        "------  ---------  ----  --------  -----  ------",
+        "a             1.5  s            3     x2  m",
+        "bb      1.235e+04  MiB          -      -  -",
+    ]
+
+
+def test_bench_main_passes_options_by_name_and_writes_json_atomically(tmp_path, capsys):
+    calls = []
+
+    def run(quick, threads=1, workdir=None):
+        calls.append((quick, threads, workdir))
+        return [ROW]
+
+    out = tmp_path / "new" / "rows.json"
+    options = [("--threads", {"type": int, "default": 1}), ("--dir", {"dest": "workdir"})]
+    argv = ["--quick", "--threads", "3", "--dir", "d", "--json", str(out)]
+    assert common.bench_main(run, "Title.\n\nMore.", argv, extra_args=options, labels={"baseline": "target"},
+                             footer=lambda rows: f"{len(rows)} row(s)") == 0
+    assert calls == [(True, 3, "d")]
+    assert json.loads(out.read_text()) == [ROW]
+    assert [p.name for p in out.parent.iterdir()] == ["rows.json"], "temporary file left behind"
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[0].split() == ["metric", "value", "unit", "target", "ratio"]
+    assert printed[2].split() == ["x", "2", "s", "4", "x2"] and printed[3] == "1 row(s)"
+
+    common.bench_main(run, "Title.", [], extra_args=options)
+    assert calls[-1] == (False, 1, None)
+
+
+def test_bench_main_serves_the_worker_command_line(tmp_path):
+    out = tmp_path / "result.json"
+
+    def run(quick):
+        raise AssertionError("the worker command line must not run the benchmark")
+
+    argv = [common.WORKER_FLAG, "a", "7", str(out)]
+    assert common.bench_main(run, "Title.", argv, worker=lambda args: {"args": args}) == 0
+    assert json.loads(out.read_text()) == {"args": ["a", "7"]}
+
+
+def test_measure_in_subprocess_returns_what_a_fresh_worker_wrote(tmp_path):
+    script = tmp_path / "bench_fake.py"
+    script.write_text(
+        "import os, sys\n"
+        "from common import bench_main\n"
+        "worker = lambda args: {'sum': sum(map(int, args)), 'pid': os.getpid(), 'env': os.environ['FAKE']}\n"
+        "sys.exit(bench_main(None, 'Fake.', worker=worker))\n")
+    result = common.measure_in_subprocess(script, ["2", "3"], env={"FAKE": "set"})
+    assert result["sum"] == 5 and result["env"] == "set" and result["pid"] != os.getpid()
+
+
+@pytest.mark.skipif(not os.access("/proc/self/clear_refs", os.W_OK), reason="needs Linux /proc")
+def test_peak_rss_growth_sees_a_touched_allocation():
+    size = 64 * 2**20
+    base = common.reset_peak_rss()
+    block = b"\x01" * size  # written, so every page is resident
+    growth = common.peak_rss_growth(base)
+    assert len(block) == size
+    assert 0.9 * size <= growth <= 2 * size
+
+
+# Every bench module's own options, beside --quick and --json.
+MODULE_OPTIONS = {"bench_data": [], "bench_metrics": ["--device", "--baseline-max-gib"],
+                  "bench_model_step": ["--threads"], "bench_search": [], "bench_synthetic": ["--dir"],
+                  "bench_text_optim": [], "bench_train": []}
+
+
+@pytest.mark.parametrize("name", sorted(MODULE_OPTIONS))
+def test_bench_module_command_line_offers_its_options(name, capsys, monkeypatch):
+    spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, name, module)  # as run_all imports it (dataclasses look it up)
+    spec.loader.exec_module(module)
+    assert callable(module.run)
+    with pytest.raises(SystemExit) as exit_info:
+        module.main(["--help"])
+    assert exit_info.value.code == 0
+    help_text = capsys.readouterr().out
+    for option in ["--quick", "--json", *MODULE_OPTIONS[name]]:
+        assert option in help_text
+
+
+def test_module_list_is_complete():
+    assert set(MODULE_OPTIONS) == set(run_all.discover())
+
+
+# ---------------------------------------------------------------------------------------------------------
 # run_all
 
 
@@ -164,6 +274,22 @@ def test_run_all_only_selects_by_short_name_and_rejects_unknown(tmp_path):
         run_all.select(run_all.discover(tmp_path), ["nope"], gpu=False, bench_dir=tmp_path)
 
 
+# The rows of a full run (written out from the module docstrings), for the modules whose row names do not
+# depend on the problem size.
+FULL_RUN_ROWS = {
+    "bench_data": [f"shard build, {fmt}, {w} worker(s)" for w in (1, 2)
+                   for fmt in ("original JPEG", "pre-resized PNG", "pre-resized PPM")]
+    + [f"train pipeline, shards of {fmt}, 0 workers" for fmt in ("original JPEG", "pre-resized PNG",
+                                                                    "pre-resized PPM")],
+    "bench_model_step": ["train step fwd+bwd (median)", "train step peak activations",
+                         "MLM head fwd+bwd peak", "MLM logits size (analytic)", "MLM head fwd+bwd time"],
+    "bench_synthetic": ["generate, 1 worker(s), wall clock", "generate, 1 worker, process CPU time",
+                        "generate, 2 worker(s), wall clock"],
+    "bench_train": ["demo model, 1 process, default threads", "demo model, 1 process, 1 thread",
+                    "demo model, 2 processes (DDP, gloo), 1 thread each"],
+}
+
+
 @pytest.mark.slow
 def test_run_all_quick_covers_every_bench_module(tmp_path):
     modules = run_all.discover()
@@ -177,6 +303,9 @@ def test_run_all_quick_covers_every_bench_module(tmp_path):
     failed = [(r["benchmark"], r["error"]) for r in rows if r.get("failed")]
     assert not failed, failed
     assert {r["benchmark"] for r in rows} == set(modules)
+    # Modules whose quick run is reduced in size only: every row of the full run is there.
+    for module, names in FULL_RUN_ROWS.items():
+        assert [r["name"] for r in rows if r["benchmark"] == module] == names, module
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 

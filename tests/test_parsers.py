@@ -200,7 +200,7 @@ _GOOD = {"split": "train", "id": 1, "file_path": "good.png", "captions": ["fine"
     ({"split": "train", "id": True, "file_path": "bad.png", "captions": ["x"]}, "'id' True, not an integer"),
     ({"split": "train", "id": 1, "file_path": "bad.png", "captions": "a caption"}, "not a list of strings"),
     ({"split": "train", "id": 1, "file_path": "bad.png", "captions": ["ok", 3]}, "not a list of strings"),
-    ({"split": "train", "id": 1, "file_path": "bad.png", "captions": []}, "empty 'captions' list"),
+    ({"split": "train", "id": 1, "file_path": "bad.png", "captions": None}, "not a list of strings"),
     ({"split": "train", "id": 1, "file_path": 42, "captions": ["x"]},
      "'file_path' 42, not a non-empty string"),
     ({"split": "train", "id": 1, "file_path": "/abs/bad.png", "captions": ["x"]}, "absolute 'file_path'"),
@@ -234,7 +234,7 @@ def test_missing_image_reported_skipped_or_unchecked(tmp_path: Path) -> None:
 
 
 def test_skip_count_with_several_bad_records(tmp_path: Path) -> None:
-    records = [_GOOD, {"split": "train"}, {"split": "test", "id": 3, "file_path": "t.png", "captions": []},
+    records = [_GOOD, {"split": "train"}, {"split": "test", "id": 3, "file_path": "t.png", "captions": [1]},
                {"split": "test", "id": 3, "file_path": "t.png", "captions": ["ok"]}, 17]
     _write_dataset(tmp_path, "reid_raw.json", records)
     ds = parse_dataset("CUHK-PEDES", tmp_path, skip_bad=True)
@@ -242,6 +242,39 @@ def test_skip_count_with_several_bad_records(tmp_path: Path) -> None:
     assert [reason.split(" (")[0] for reason in ds.skipped_reasons] == [
         "CUHK-PEDES record 1", "CUHK-PEDES record 2", "CUHK-PEDES record 4"]
     assert ds.counts("train") == (1, 1, 1) and ds.counts("test") == (1, 1, 1)
+
+
+def test_empty_caption_lists_are_kept_as_the_official_code_keeps_them(tmp_path: Path) -> None:
+    records = [
+        {"split": "train", "id": 1, "file_path": "a.png", "captions": ["c1", "c2"]},
+        {"split": "train", "id": 2, "file_path": "b.png", "captions": []},  # the only image of pid 1
+        {"split": "train", "id": 1, "file_path": "c.png", "captions": ["c3"]},
+        {"split": "test", "id": 7, "file_path": "d.jpg", "captions": ["t1"]},
+        {"split": "test", "id": 8, "file_path": "e.jpg", "captions": []},  # a distractor: no query
+        {"split": "test", "id": 7, "file_path": "f.jpg", "captions": []},
+        {"split": "val", "id": 9, "file_path": "g.jpg", "captions": []},
+    ]
+    _write_dataset(tmp_path, "reid_raw.json", records)
+    ds = parse_dataset("CUHK-PEDES", tmp_path)
+    assert ds.num_skipped == 0
+    # Train: pids {0, 1} (len(train_id_container) = 2), 3 images, 3 captions, samples only from pid 0.
+    assert ds.num_train_ids == 2 and ds.counts("train") == (2, 3, 3)
+    assert [(pid, image_id, caption) for pid, image_id, _, caption in ds.train_samples()] == [
+        (0, 0, "c1"), (0, 0, "c2"), (0, 2, "c3")]
+    # Test: every image in the gallery, only the captioned one gives a query.
+    assert ds.gallery("test")[0] == [7, 8, 7] and ds.queries("test") == ([7], ["t1"])
+    assert ds.counts("test") == (2, 3, 1)
+    assert ds.gallery("val")[0] == [9] and ds.queries("val") == ([], []) and ds.counts("val") == (1, 1, 0)
+
+
+def test_train_pid_without_captions_still_fills_the_pid_range(tmp_path: Path) -> None:
+    # Without pid 1 (whose only image has no captions) the pids {0, 2} would fail the contiguity check.
+    records = [{"split": "train", "id": 1, "file_path": "a.png", "captions": ["x"]},
+               {"split": "train", "id": 2, "file_path": "b.png", "captions": []},
+               {"split": "train", "id": 3, "file_path": "c.png", "captions": ["y"]}]
+    _write_dataset(tmp_path, "reid_raw.json", records)
+    ds = parse_dataset("CUHK-PEDES", tmp_path)
+    assert ds.num_train_ids == 3 and [pid for pid, *_ in ds.train_samples()] == [0, 2]
 
 
 def test_missing_annotation_lists_paths_tried(tmp_path: Path) -> None:

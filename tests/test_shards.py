@@ -261,3 +261,65 @@ def test_unreadable_image_stops_the_build_unless_skip_bad(parsed, dataset_root: 
     assert manifest["splits"]["test"]["num_images"] == len(parsed.splits["test"]) - 1
     with pytest.raises(ShardError, match="HxW"):
         _build(parsed, tmp_path / "c", pre_resize="64-32")
+
+
+def test_skipped_image_of_the_last_train_pid_keeps_num_train_ids(tmp_path: Path,
+                                                                 capsys: pytest.CaptureFixture) -> None:
+    folder = generate_synthetic_dataset(tmp_path / "CUHK-PEDES", num_train_ids=4, num_val_ids=0,
+                                        num_test_ids=1, images_per_id=1, captions_per_image=1, seed=4)
+    annos = json.loads((folder / "reid_raw.json").read_text())
+    train = [a for a in annos if a["split"] == "train"]
+    expected_ids = len({a["id"] for a in train})  # the official len(train_id_container)
+    last = max(train, key=lambda a: a["id"])
+    assert sum(a["id"] == last["id"] for a in train) == 1  # the only image of the highest pid
+    (folder / "imgs" / last["file_path"]).write_bytes(b"\xff\xd8 not really a jpeg")
+    out = tmp_path / "out"
+    argv = ["--dataset", "cuhk", "--root", str(folder), "--out", str(out), "--pre-resize", "64x32",
+            "--workers", "1", "--skip-bad", "--no-progress"]
+    assert shards.main(argv) == 0
+    assert f"({expected_ids} train ids, 1 skipped)" in capsys.readouterr().out
+    manifest = load_manifest(out)
+    # The classifier keeps the parsed size although the highest pid has no sample left.
+    assert manifest["num_train_ids"] == expected_ids == 4
+    assert manifest["num_skipped"] == 1 and manifest["splits"]["train"]["num_ids"] == expected_ids - 1
+    index = shards.SplitIndex.load(out, manifest, "train")
+    assert index.pid.tolist() == list(range(expected_ids - 1))
+
+
+def test_images_without_captions_stay_in_the_gallery_and_their_train_pid_counts(tmp_path: Path) -> None:
+    from irra_dist.data.pipeline import TrainLoader, build_eval_loaders
+
+    folder = generate_synthetic_dataset(tmp_path / "CUHK-PEDES", num_train_ids=3, num_val_ids=0,
+                                        num_test_ids=2, images_per_id=2, captions_per_image=2, seed=6)
+    annotation = folder / "reid_raw.json"
+    annos = json.loads(annotation.read_text())
+    # Ids 1-3 train (pids 0-2), ids 4-5 test, two images each: empty the captions of train id 2 (pid 1, a
+    # middle pid) and of test id 5 (two distractors).
+    for anno in annos:
+        if anno["id"] in (2, 5):
+            anno["captions"] = []
+    annotation.write_text(json.dumps(annos))
+    out = tmp_path / "out"
+    manifest = build_shards("CUHK-PEDES", tmp_path, out, shard_size=4, workers=1, progress=False)
+    assert manifest["num_train_ids"] == 3
+    train, test = manifest["splits"]["train"], manifest["splits"]["test"]
+    assert (train["num_ids"], train["num_images"], train["num_captions"]) == (3, 6, 8)
+    assert (test["num_ids"], test["num_images"], test["num_captions"]) == (2, 4, 4)
+
+    size = (64, 32)
+    loader = TrainLoader(out, global_batch_size=4, image_size=size, image_aug=False, mlm=False)
+    assert loader.num_train_ids == 3 and loader.num_samples == 8
+    pids = sorted(p for batch in loader for p in batch["pids"].tolist())
+    assert pids == [0] * 4 + [2] * 4
+    gallery, queries = build_eval_loaders(out, "test", image_size=size, batch_size=8)
+    assert [p for b in gallery for p in b["pids"].tolist()] == [4, 4, 5, 5]
+    assert [p for b in queries for p in b["pids"].tolist()] == [4, 4, 4, 4]
+
+    # A train split whose images all lack captions has nothing to train on.
+    for anno in annos:
+        if anno["split"] == "train":
+            anno["captions"] = []
+    annotation.write_text(json.dumps(annos))
+    build_shards("CUHK-PEDES", tmp_path, out, shard_size=4, workers=1, progress=False, overwrite=True)
+    with pytest.raises(ShardError, match="no training captions"):
+        TrainLoader(out, global_batch_size=4, image_size=size)

@@ -9,11 +9,13 @@ logic, reproduced here:
 - the train pid is ``id - 1`` on CUHK-PEDES and ``id`` elsewhere; val/test pids are ``id`` unshifted;
 - the train pids must enumerate as 0..N-1 (the official ``assert idx == pid``);
 - training samples are one per caption; the gallery holds each evaluation image once and every caption
-  of every evaluation image is a query.
+  of every evaluation image is a query;
+- an empty caption list is valid: such a train image gives no sample but its pid still counts in the
+  number of classes, and such an evaluation image stays in the gallery (a distractor) and gives no query.
 
-Unlike the official code, bad entries (a missing field, a wrong type, an empty caption list, a missing image
-file) are reported with the entry's index and path instead of crashing deep inside a data loader, and
-can be skipped on request; each skip is counted and its reason kept.
+Unlike the official code, bad entries (a missing field, a wrong type, a missing image file) are reported
+with the entry's index and path instead of crashing deep inside a data loader, and can be skipped on
+request; each skip is counted and its reason kept.
 """
 
 from __future__ import annotations
@@ -102,6 +104,7 @@ class ImageRecord:
     path: str
     """Absolute path: <dataset dir>/imgs/<rel_path>."""
     captions: tuple[str, ...]
+    """May be empty (the official code accepts it): the image then gives no training sample or query."""
 
 
 @dataclass
@@ -126,7 +129,8 @@ class ParsedDataset:
 
     @property
     def num_train_ids(self) -> int:
-        """Number of training identities, i.e. the ID classifier's size."""
+        """Number of training identities, i.e. the ID classifier's size (the official
+        ``len(train_id_container)``: a train image without captions still adds its pid)."""
         return len({r.pid for r in self.splits["train"]})
 
     def counts(self, split: str) -> tuple[int, int, int]:
@@ -231,8 +235,6 @@ def _check_record(anno: Any, path_key: str, img_root: str, check_images: bool,
         return f"has an absolute {path_key!r}; it must be relative to imgs/", None
     if not isinstance(captions, list) or not all(isinstance(c, str) for c in captions):
         return "has 'captions' that is not a list of strings", None
-    if not captions:
-        return "has an empty 'captions' list", None
     abs_path = os.path.join(img_root, rel_path)
     if check_images and not os.path.isfile(abs_path):
         return f"names image {abs_path}, which does not exist", None

@@ -312,9 +312,10 @@ class TrainLoader:
         self.manifest = load_manifest(shards_dir, verify)
         image_size = _check_image_size(self.manifest, image_size, shards_dir)
         index = SplitIndex.load(shards_dir, self.manifest, "train")
-        if len(index) == 0:
-            raise ShardError(f"{shards_dir} has no training images: rebuild the shards from a dataset with a "
-                             "train split")
+        # Images without captions give no sample, so count captions, not images.
+        if int(index.num_captions.sum()) == 0:
+            raise ShardError(f"{shards_dir} has no training captions: rebuild the shards from a dataset with "
+                             "a captioned train split")
         self.rank, self.world_size, self.seed = rank, world_size, seed
         self.global_batch_size, self.sampler, self.num_instances = global_batch_size, sampler, num_instances
         self.drop_last = drop_last

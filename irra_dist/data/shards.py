@@ -296,7 +296,9 @@ def build_shards(parsed_or_name: ParsedDataset | str, root: str | os.PathLike | 
         "image_format": fmt,
         "image_size": list(size) if size else None,
         "shard_size": shard_size,
-        "num_train_ids": splits["train"]["num_ids"],
+        # The official num_classes counts every parsed train pid: an image skipped here (or one without
+        # captions) must not shrink the classifier while other pids up to N-1 still occur.
+        "num_train_ids": parsed.num_train_ids,
         "num_skipped": parsed.num_skipped + len(build_skipped),
         "splits": splits,
     }

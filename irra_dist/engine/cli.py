@@ -137,12 +137,31 @@ def eval_parser() -> argparse.ArgumentParser:
     parser.add_argument("--precision", default="auto", choices=("auto", "no", "fp16", "bf16"),
                         help="autocast while embedding")
     parser.add_argument("--out", default=None, help="write the metrics as JSON to this file")
+    parser.add_argument("--export-official", default=None, metavar="FILE",
+                        help="instead of evaluating, write the weights as an official IRRA best.pth "
+                             "({'model': state_dict}, official key names, fp32) for the official test.py")
     return parser
+
+
+def _export_official(args: argparse.Namespace) -> int:
+    from irra_dist.engine.evaluate import export_target
+
+    try:
+        source = export_target(args.target, args.export_official, weights=args.weights,
+                               image_size=tuple(args.image_size) if args.image_size else None,
+                               stride_size=args.stride)
+    except _user_errors() as err:
+        _report(str(err))
+        return EXIT_BAD_INPUT
+    print(f"wrote {args.export_official} (official best.pth format) from {source}")
+    return 0
 
 
 def evaluate_main(argv: Sequence[str] | None = None) -> int:
     """``irra-eval``: parse `argv`, evaluate, print the table, maybe write JSON; return the exit status."""
     args = eval_parser().parse_args(argv)
+    if args.export_official:
+        return _export_official(args)
     try:
         from irra_dist.engine.evaluate import evaluate_target
 

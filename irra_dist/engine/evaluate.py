@@ -13,6 +13,7 @@ import logging
 import os
 import sys
 from collections.abc import Callable, Iterable
+from contextlib import AbstractContextManager
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -40,32 +41,47 @@ def show_progress(accelerator: Accelerator) -> bool:
     return accelerator.is_main_process and sys.stderr.isatty()
 
 
+def embedding_autocast(accelerator: Accelerator, precision: str) -> Callable[[], AbstractContextManager[Any]]:
+    """A factory of the autocast contexts for ``eval.precision`` (see :class:`EvalConfig`)."""
+    if precision == "train":
+        return accelerator.autocast
+    device_type = accelerator.device.type
+    if precision == "fp16" and device_type == "cuda":
+        return lambda: torch.autocast(device_type, dtype=torch.float16)
+    if precision in ("fp16", "fp32"):
+        return lambda: torch.autocast(device_type, enabled=False)
+    raise ValueError(f"unknown eval precision {precision!r}: use train, fp16 or fp32")
+
+
 @torch.no_grad()
 def embed(accelerator: Accelerator, encode: Callable[[torch.Tensor], torch.Tensor],
           batches: Iterable[dict[str, torch.Tensor]], key: str, empty_input: torch.Tensor,
-          desc: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+          desc: str, autocast: Callable[[], AbstractContextManager[Any]] | None = None,
+          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Encode this rank's items.
 
     Args:
-        accelerator: supplies the device and autocast.
+        accelerator: supplies the device and, by default, the autocast.
         encode: ``model.encode_image`` or ``model.encode_text``.
         batches: dicts with `key`, ``pids`` and ``index``.
         key: ``"images"`` or ``"caption_ids"``.
         empty_input: a zero-row input, encoded when this rank has no items (to learn the feature width).
         desc: progress-bar label.
+        autocast: a factory of the autocast context (default: the accelerator's).
 
     Returns:
         ``(features [n, D] fp32, pids [n], index [n])`` on the accelerator's device.
     """
     feats, pids, index = [], [], []
     device = accelerator.device
+    autocast = autocast or accelerator.autocast
     for batch in tqdm(batches, desc=desc, disable=not show_progress(accelerator), leave=False):
-        with accelerator.autocast():
+        with autocast():
             feats.append(encode(batch[key].to(device, non_blocking=True)).float())
         pids.append(batch["pids"].to(device, non_blocking=True))
         index.append(batch["index"].to(device, non_blocking=True))
     if not feats:
-        with accelerator.autocast():
+        with autocast():
             feats.append(encode(empty_input.to(device)).float())
         pids.append(torch.empty(0, dtype=torch.int64, device=device))
         index.append(torch.empty(0, dtype=torch.int64, device=device))
@@ -108,7 +124,7 @@ def evaluate_retrieval(accelerator: Accelerator, model: nn.Module, gallery: Any,
         model: the (possibly wrapped) IRRA model.
         gallery: this rank's gallery loader (``images``, ``pids``, ``index``).
         queries: this rank's query loader (``caption_ids``, ``pids``, ``index``).
-        cfg: the ``eval`` section (``chunk_size``, ``i2t``).
+        cfg: the ``eval`` section (``chunk_size``, ``i2t``, ``precision``).
         on_features: called on the main process with the gathered ``gallery_feats, gallery_pids,
             gallery_index, query_feats, query_index`` (e.g. to draw retrieval examples without re-embedding).
 
@@ -126,10 +142,11 @@ def evaluate_retrieval(accelerator: Accelerator, model: nn.Module, gallery: Any,
         with full_parameters(accelerator, unwrapped):
             # Read inside the context: under ZeRO-3 a parameter's shape is that of its local partition.
             context = unwrapped.base_model.positional_embedding.shape[0]
+            autocast = embedding_autocast(accelerator, cfg.precision)
             g_feats, g_pids, g_index = embed(accelerator, unwrapped.encode_image, gallery, "images",
-                                             torch.zeros(0, 3, height, width), "gallery")
+                                             torch.zeros(0, 3, height, width), "gallery", autocast)
             q_feats, q_pids, q_index = embed(accelerator, unwrapped.encode_text, queries, "caption_ids",
-                                             torch.zeros(0, context, dtype=torch.int64), "queries")
+                                             torch.zeros(0, context, dtype=torch.int64), "queries", autocast)
     finally:
         model.train(was_training)
     g_feats, g_pids, g_index = gather_in_order(accelerator, g_feats, g_pids, g_index)
@@ -213,6 +230,24 @@ def _load_model(file: Path, cfg: Config | None, image_size: tuple[int, int] | No
         raise CheckpointError(f"{file} does not fit the model of its config.yaml: "
                               f"{str(err).splitlines()[0]}") from None
     return model
+
+
+def export_target(target: str | os.PathLike, out: str | os.PathLike, *, weights: str = "best",
+                  image_size: tuple[int, int] | None = None, stride_size: int | None = None) -> Path:
+    """Write the weights of a run folder, checkpoint folder or weights file as an official ``best.pth``.
+
+    Returns:
+        The weights file that was exported.
+
+    Raises:
+        CheckpointError, ConfigError: nothing readable at `target`.
+    """
+    from irra_dist.model import export_official_checkpoint
+
+    file, config_file = _weights_of(Path(target), weights)
+    cfg = load_config(config_file) if config_file is not None else None
+    export_official_checkpoint(_load_model(file, cfg, image_size, stride_size), out)
+    return file
 
 
 def evaluate_target(target: str | os.PathLike, *, shards: str | os.PathLike | None = None,

@@ -26,7 +26,7 @@ def test_demo_learns_far_above_chance(demo_run: tuple[Path, str]) -> None:
     evals = _eval_rows(run)
     assert [row["epoch"] for row in evals] == list(range(1, cfg.train.num_epochs + 1))  # every epoch
     final = evals[-1]["metrics"]["t2i"]
-    assert final["R1"] >= 30.0, f"demo R1 {final['R1']:.1f}% (chance ~{100 / NUM_TEST_IDS:.0f}%)"
+    assert final["R1"] >= 50.0, f"demo R1 {final['R1']:.1f}% (chance ~{100 / NUM_TEST_IDS:.0f}%)"
     assert evals[0]["metrics"]["t2i"]["R1"] < final["R1"]  # it learned during the run
     assert 0 < final["mINP"] <= final["mAP"] <= 100
 

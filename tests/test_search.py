@@ -395,9 +395,8 @@ def test_default_png_name_is_a_slug_next_to_the_run() -> None:
 # A TRAINED model: the out-of-the-box demo run (tests/conftest.py: demo_run, shared with tests/test_demo.py).
 # The queries are test-split captions of distinct people, each written by the generator from that person's
 # attributes (clothing colours and types, shoes, bag, hat, hair). Chance is 1 in 100 identities. The demo
-# reaches about 50% R1 (R5 about 85%), so the person is the printed top-1 for about half of the queries and
-# among the top 5 for most of them; the bars below sit well under those rates and far above chance.
-DEMO_QUERIES = 20
+# reaches about 75% R1 (R5 about 95%), so the printed top-1 must be the described person for most queries.
+DEMO_QUERIES = 50  # half the test identities: a steadier rate than a handful of queries
 
 
 @pytest.mark.slow
@@ -411,7 +410,11 @@ def test_trained_demo_finds_the_described_person(demo_run: tuple[Path, str], tmp
     assert len(results) == DEMO_QUERIES
     top1 = sum(rows[0][3] == "correct" for rows in results)
     top5 = sum(any(row[3] == "correct" for row in rows) for rows in results)
-    assert top1 >= 0.3 * DEMO_QUERIES, f"top-1 correct for {top1} of {DEMO_QUERIES}"
-    assert top5 > DEMO_QUERIES / 2, f"top-5 holds the person for {top5} of {DEMO_QUERIES}"
+    assert top1 > DEMO_QUERIES / 2, f"top-1 is the described person for only {top1} of {DEMO_QUERIES}"
+    assert top5 >= 0.8 * DEMO_QUERIES, f"top-5 holds the person for only {top5} of {DEMO_QUERIES}"
     with Image.open(tmp_path / "demo.png") as image:
         assert image.format == "PNG"
+        # By hand from the layout rules (visualize.py): 128x48 thumbnails in 3 px frames -> 54x134 cells;
+        # width 2*8 + 5*54 + 4*6 = 310; a row is 3 text lines (42) + 4 + 134 + 3 label lines (42) = 222;
+        # height 2*8 + 50*222 + 49*12 = 11704.
+        assert image.size == (310, 11704)

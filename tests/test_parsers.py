@@ -277,6 +277,20 @@ def test_train_pid_without_captions_still_fills_the_pid_range(tmp_path: Path) ->
     assert ds.num_train_ids == 3 and [pid for pid, *_ in ds.train_samples()] == [0, 2]
 
 
+@pytest.mark.parametrize("missing_id", [2, 3])  # a middle pid, and the highest one
+def test_train_image_skipped_for_a_missing_file_keeps_its_pid(tmp_path: Path, missing_id: int) -> None:
+    records = [{"split": "train", "id": i, "file_path": f"{i}.png", "captions": [f"c{i}"]} for i in (1, 2, 3)]
+    records.append({"split": "test", "id": 9, "file_path": "t.png", "captions": ["q"]})
+    _write_dataset(tmp_path, "reid_raw.json", records)
+    (tmp_path / "imgs" / f"{missing_id}.png").unlink()
+    with pytest.raises(DatasetError, match="does not exist"):
+        parse_dataset("CUHK-PEDES", tmp_path)
+    ds = parse_dataset("CUHK-PEDES", tmp_path, skip_bad=True)
+    # Three train ids in the file -> three classes, although one image is gone (pid = id - 1 on CUHK).
+    assert ds.num_skipped == 1 and ds.num_train_ids == 3
+    assert sorted(pid for pid, *_ in ds.train_samples()) == sorted({0, 1, 2} - {missing_id - 1})
+
+
 def test_missing_annotation_lists_paths_tried(tmp_path: Path) -> None:
     with pytest.raises(DatasetNotFoundError) as err:
         parse_dataset("ICFG-PEDES", tmp_path)

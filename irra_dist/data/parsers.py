@@ -121,6 +121,8 @@ class ParsedDataset:
     num_skipped: int = 0
     """Bad records skipped because skip_bad was set."""
     skipped_reasons: list[str] = field(default_factory=list)
+    skipped_train_pids: frozenset[int] = frozenset()
+    """Train pids of records skipped only because their image file is missing; they remain classes."""
 
     def _records(self, split: str) -> list[ImageRecord]:
         if split not in self.splits:
@@ -130,8 +132,9 @@ class ParsedDataset:
     @property
     def num_train_ids(self) -> int:
         """Number of training identities, i.e. the ID classifier's size (the official
-        ``len(train_id_container)``: a train image without captions still adds its pid)."""
-        return len({r.pid for r in self.splits["train"]})
+        ``len(train_id_container)``: a train image without captions, or skipped for a missing file, still
+        adds its pid)."""
+        return len({r.pid for r in self.splits["train"]} | self.skipped_train_pids)
 
     def counts(self, split: str) -> tuple[int, int, int]:
         """Return ``(ids, images, captions)`` of one split, as the official dataset table counts them."""
@@ -217,7 +220,8 @@ _Fields = tuple[str, int, str, str, tuple[str, ...]]
 
 def _check_record(anno: Any, path_key: str, img_root: str, check_images: bool,
                   ) -> tuple[str | None, _Fields | None]:
-    """Validate one entry: ``(problem, None)`` or ``(None, (split, id, rel_path, abs_path, captions))``."""
+    """Validate one entry: ``(None, fields)`` when good, ``(problem, None)`` when bad, and
+    ``(problem, fields)`` when only its image file is missing (the fields are sound: its pid still counts)."""
     if not isinstance(anno, dict):
         return f"is a {type(anno).__name__}, not a mapping", None
     missing = [k for k in ("split", "id", path_key, "captions") if k not in anno]
@@ -236,9 +240,10 @@ def _check_record(anno: Any, path_key: str, img_root: str, check_images: bool,
     if not isinstance(captions, list) or not all(isinstance(c, str) for c in captions):
         return "has 'captions' that is not a list of strings", None
     abs_path = os.path.join(img_root, rel_path)
+    fields = (split, ident, rel_path, abs_path, tuple(captions))
     if check_images and not os.path.isfile(abs_path):
-        return f"names image {abs_path}, which does not exist", None
-    return None, (split, ident, rel_path, abs_path, tuple(captions))
+        return f"names image {abs_path}, which does not exist", fields
+    return None, fields
 
 
 def _check_train_pids(name: str, pids: set[int], offset: int) -> None:
@@ -292,22 +297,27 @@ def parse_dataset(name: str, root: str | os.PathLike, *, skip_bad: bool = False,
 
     splits: dict[str, list[ImageRecord]] = {s: [] for s in SPLITS}
     skipped: list[str] = []
+    skipped_train_pids: set[int] = set()
     other_split_values: Counter[str] = Counter()
     img_root = str(img_dir)
     for index, anno in enumerate(annos):
         problem, fields = _check_record(anno, spec.path_key, img_root, check_images)
-        if fields is None:
+        if fields is not None:
+            split_value, ident, rel_path, abs_path, captions = fields
+            split = split_value if split_value in ("train", "test") else "val"
+            pid = ident - spec.train_pid_offset if split == "train" else ident
+        if problem is not None:
             where = anno.get(spec.path_key) if isinstance(anno, dict) else None
             reason = f"{canonical} record {index} (path {where!r}) in {annotation_path} {problem}"
             if not skip_bad:
                 raise DatasetError(f"{reason}: {_SKIP_HINT}")
             skipped.append(reason)
+            if fields is not None and split == "train":
+                # Only the image is missing: the pid stays a class, as an image dropped while building does.
+                skipped_train_pids.add(pid)
             continue
-        split_value, ident, rel_path, abs_path, captions = fields
-        split = split_value if split_value in ("train", "test") else "val"
         if split_value not in SPLITS:
             other_split_values[split_value] += 1
-        pid = ident - spec.train_pid_offset if split == "train" else ident
         records = splits[split]
         records.append(ImageRecord(len(records), pid, rel_path, abs_path, captions))
 
@@ -316,8 +326,8 @@ def parse_dataset(name: str, root: str | os.PathLike, *, skip_bad: bool = False,
                        canonical, dict(other_split_values))
     if skipped:
         logger.warning("%s: skipped %d bad record(s); first: %s", canonical, len(skipped), skipped[0])
-    _check_train_pids(canonical, {r.pid for r in splits["train"]}, spec.train_pid_offset)
+    _check_train_pids(canonical, {r.pid for r in splits["train"]} | skipped_train_pids, spec.train_pid_offset)
     dataset = ParsedDataset(canonical, str(dataset_dir), str(annotation_path), sha256, splits,
-                            len(skipped), skipped)
+                            len(skipped), skipped, frozenset(skipped_train_pids))
     logger.info("%s loaded from %s\n%s", canonical, annotation_path, dataset.table())
     return dataset

@@ -207,8 +207,8 @@ class EvalConfig:
     """Also report image-to-text metrics."""
     precision: Literal["train", "fp16", "fp32"] = "train"
     """Precision of the towers while embedding: "train" (the run's autocast: bf16 on recent GPUs), "fp16"
-    (fp16 autocast on a GPU, as the official fp16 model evaluates; fp32 on a CPU) or "fp32". Applies to fp32
-    weights; a DeepSpeed engine holding half-precision weights embeds in its own precision."""
+    (fp16 autocast on a GPU, as the official fp16 model evaluates; fp32 on a CPU) or "fp32" (with a DeepSpeed
+    engine holding half-precision weights: the weights' precision)."""
 
     def __post_init__(self) -> None:
         _require(self.eval_period >= 0, "eval.eval_period", "an integer >= 0")

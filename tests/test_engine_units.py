@@ -10,7 +10,12 @@ import torch
 
 from irra_dist.config import Config, ConfigError, config_from_dict
 from irra_dist.engine.accel import fill_deepspeed_config, resolve_mixed_precision
-from irra_dist.engine.evaluate import embedding_autocast, flat_metrics, gather_in_order
+from irra_dist.engine.evaluate import (
+    embedding_autocast,
+    embedding_precision,
+    flat_metrics,
+    gather_in_order,
+)
 from irra_dist.engine.runlog import MetricsWriter, read_metrics
 from irra_dist.engine.tracking import has_wandb_credentials, resolve_wandb_mode
 
@@ -128,6 +133,16 @@ def test_eval_precision_overrides_the_training_autocast(precision: str, expected
     layer = torch.nn.Linear(4, 4)
     with embedding_autocast(accelerator, precision)():
         assert layer(torch.ones(2, 4)).dtype == expected
+
+
+def test_irra_eval_precision_follows_the_run_unless_given() -> None:
+    from irra_dist.config import load_config
+
+    official, demo = load_config("irra_official"), load_config("demo")
+    assert embedding_precision("auto", official) == "fp16"  # as the run evaluated during training
+    assert embedding_precision("auto", demo) == "train"
+    assert embedding_precision("auto", None) == "fp16"  # an official best.pth: the official fp16 model
+    assert embedding_precision("bf16", official) == "train"  # --precision bf16 is the accelerator's autocast
 
 
 def test_flat_metrics_names() -> None:

@@ -135,7 +135,8 @@ def eval_parser() -> argparse.ArgumentParser:
                         help="input size for a file without metadata (official best.pth: 384 128)")
     parser.add_argument("--stride", type=int, default=None, help="patch stride for such a file (16)")
     parser.add_argument("--precision", default="auto", choices=("auto", "no", "fp16", "bf16"),
-                        help="autocast while embedding")
+                        help="autocast while embedding (auto: the run's eval.precision; fp16 for an "
+                             "official best.pth, as the official code evaluates)")
     parser.add_argument("--out", default=None, help="write the metrics as JSON to this file")
     parser.add_argument("--export-official", default=None, metavar="FILE",
                         help="instead of evaluating, write the weights as an official IRRA best.pth "

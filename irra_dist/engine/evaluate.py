@@ -56,25 +56,24 @@ def embedding_autocast(accelerator: Accelerator, precision: str) -> Callable[[],
 @torch.no_grad()
 def embed(accelerator: Accelerator, encode: Callable[[torch.Tensor], torch.Tensor],
           batches: Iterable[dict[str, torch.Tensor]], key: str, empty_input: torch.Tensor,
-          desc: str, autocast: Callable[[], AbstractContextManager[Any]] | None = None,
+          desc: str, autocast: Callable[[], AbstractContextManager[Any]],
           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Encode this rank's items.
 
     Args:
-        accelerator: supplies the device and, by default, the autocast.
+        accelerator: supplies the device.
         encode: ``model.encode_image`` or ``model.encode_text``.
         batches: dicts with `key`, ``pids`` and ``index``.
         key: ``"images"`` or ``"caption_ids"``.
         empty_input: a zero-row input, encoded when this rank has no items (to learn the feature width).
         desc: progress-bar label.
-        autocast: a factory of the autocast context (default: the accelerator's).
+        autocast: a factory of the autocast context (:func:`embedding_autocast`).
 
     Returns:
         ``(features [n, D] fp32, pids [n], index [n])`` on the accelerator's device.
     """
     feats, pids, index = [], [], []
     device = accelerator.device
-    autocast = autocast or accelerator.autocast
     for batch in tqdm(batches, desc=desc, disable=not show_progress(accelerator), leave=False):
         with autocast():
             feats.append(encode(batch[key].to(device, non_blocking=True)).float())
@@ -232,6 +231,15 @@ def _load_model(file: Path, cfg: Config | None, image_size: tuple[int, int] | No
     return model
 
 
+def embedding_precision(setting: str, run_cfg: Config | None) -> str:
+    """``eval.precision`` for ``irra-eval --precision setting``: an explicit autocast setting wins; "auto"
+    keeps the run's own ``eval.precision``, and fp16 for a file without a run config (an official best.pth,
+    which the official code evaluates in fp16)."""
+    if setting != "auto":
+        return "train"  # the accelerator was built with `setting` as its mixed precision
+    return run_cfg.eval.precision if run_cfg is not None else "fp16"
+
+
 def export_target(target: str | os.PathLike, out: str | os.PathLike, *, weights: str = "best",
                   image_size: tuple[int, int] | None = None, stride_size: int | None = None) -> Path:
     """Write the weights of a run folder, checkpoint folder or weights file as an official ``best.pth``.
@@ -269,7 +277,8 @@ def evaluate_target(target: str | os.PathLike, *, shards: str | os.PathLike | No
         i2t: also score image-to-text.
         image_size: input size for files that do not record it (official best.pth: 384x128).
         stride_size: patch stride for such files.
-        precision: ``train.mixed_precision``-style autocast setting.
+        precision: ``train.mixed_precision``-style autocast setting; "auto" embeds as the run's
+            ``eval.precision`` (see :func:`embedding_precision`).
 
     Returns:
         ``{"target", "shards", "split", "num_gallery", "num_queries", "metrics"}``.
@@ -299,7 +308,8 @@ def evaluate_target(target: str | os.PathLike, *, shards: str | os.PathLike | No
                                               world_size=accelerator.num_processes, batch_size=batch_size,
                                               num_workers=num_workers, image_size=size,
                                               pin_memory=accelerator.device.type == "cuda")
-        eval_cfg = EvalConfig(split=split, batch_size=batch_size, chunk_size=chunk_size, i2t=i2t)
+        eval_cfg = EvalConfig(split=split, batch_size=batch_size, chunk_size=chunk_size, i2t=i2t,
+                              precision=embedding_precision(precision, run_cfg if config_file else None))
         metrics = evaluate_retrieval(accelerator, model, gallery, queries, eval_cfg)
         logger.info("%s on %s (%s split):\n%s", file, shards, split, format_metrics_table(metrics))
     finally:

@@ -1,6 +1,6 @@
 """Mean +/- std over runs per selection rule: ``python launch/report.py RUN... [--out DIR] [--allow-mixed]``.
 
-The same entry point as ``irra-report`` (:func:`irra_dist.engine.report.main`); see README.md, "Reporting results".
+Same entry point as ``irra-report`` (:func:`irra_dist.engine.report.main`); README.md, "Reporting results".
 """
 
 from __future__ import annotations

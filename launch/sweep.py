@@ -1,6 +1,7 @@
-"""Train one run per seed and report them: ``python launch/sweep.py --seeds 1 2 3 [--parallel-gpus] -- [irra-train arguments]``.
+"""Train one run per seed and report them:
+``python launch/sweep.py --seeds 1 2 3 [--parallel-gpus] -- [irra-train arguments]``.
 
-The same entry point as ``irra-sweep`` (:func:`irra_dist.engine.sweep.main`); see README.md, "Reporting results".
+The same entry point as ``irra-sweep`` (:func:`irra_dist.engine.sweep.main`); README.md, "Reporting results".
 """
 
 from __future__ import annotations

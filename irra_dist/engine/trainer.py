@@ -492,7 +492,7 @@ class Trainer:
         logged: dict[str, Any] = {}
         for rule, result in self.results.items():
             logged[f"{rule}/epoch"] = result["epoch"]
-            logged |= flat_metrics({"t2i": result["metrics"]}, prefix=f"{rule}/test")
+            logged |= {f"{rule}/test_t2i_{name}": value for name, value in result["metrics"].items()}
         if self.cfg.logging.wandb and self.results:
             import wandb
 

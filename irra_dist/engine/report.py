@@ -209,6 +209,7 @@ def plot_curves(runs: Sequence[RunRecord], out: Path) -> Path:
 
     matplotlib.use("Agg")
     from matplotlib import pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
@@ -229,7 +230,8 @@ def plot_curves(runs: Sequence[RunRecord], out: Path) -> Path:
         ax.set_ylabel(f"t2i {metric} (%)")
         ax.set_title(f"{metric} by epoch")
         ax.grid(alpha=0.3)
-    axes[1].legend(fontsize=7, loc="lower right")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    axes[1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0))
     fig.suptitle(f"{runs[0].recipe}: {len(runs)} run(s)")
     fig.tight_layout()
     atomic_write(out, lambda tmp: fig.savefig(tmp, format="png", dpi=110))

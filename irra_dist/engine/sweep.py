@@ -2,8 +2,9 @@
 
 Every run is ``irra-train <arguments> train.seed=S`` in its own process, written to
 ``<train.output_dir>/<sweep name>/seed<S>`` and put in the W&B group ``<sweep name>``. Runs go one after
-the other, or with ``--parallel-gpus`` one per free GPU at a time (``CUDA_VISIBLE_DEVICES`` set per run;
-free: no compute process on it, as ``nvidia-smi`` reports, unless ``--gpus`` names them). When they are
+the other, with ``--parallel-gpus`` one per free GPU at a time (``CUDA_VISIBLE_DEVICES`` set per run; free:
+no compute process on it, as ``nvidia-smi`` reports, unless ``--gpus`` names them), or ``--jobs N`` at a time
+without GPU pinning. When they are
 done, :mod:`irra_dist.engine.report` writes report.md, report.csv, runs.csv and curves.png into the sweep
 folder. A seed whose run fails is named at the end and the exit status is 1; the others are still reported.
 """
@@ -111,6 +112,8 @@ def sweep_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seeds", type=int, nargs="+", required=True, help="one run per seed")
     parser.add_argument("--parallel-gpus", action="store_true",
                         help="run the seeds at once, one per free GPU (queued when there are fewer GPUs)")
+    parser.add_argument("--jobs", type=int, default=1, metavar="N",
+                        help="without --parallel-gpus: run up to N seeds at once (e.g. on a CPU machine)")
     parser.add_argument("--gpus", default=None, metavar="0,1,...",
                         help="with --parallel-gpus: the GPU indices to use (default: those without a "
                              "process)")
@@ -150,7 +153,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if any((sweep_dir / f"seed{s}").exists() for s in args.seeds):
         print(f"error: {sweep_dir} already holds runs of these seeds: choose another --name", file=sys.stderr)
         return EXIT_BAD_INPUT
-    slots: list[str | None] = [None]
+    if args.jobs < 1:
+        print(f"error: --jobs {args.jobs}: pass 1 or more", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    slots: list[str | None] = [None] * args.jobs
     if args.parallel_gpus:
         slots = [g.strip() for g in args.gpus.split(",") if g.strip()] if args.gpus else free_gpus()
         if not slots:
@@ -159,6 +165,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                   file=sys.stderr)
             return EXIT_BAD_INPUT
     sweep_dir.mkdir(parents=True, exist_ok=True)
+    # A terminated sweep stops its runs too (they are in their own process groups): SIGTERM unwinds run_seeds.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     commands = {seed: seed_command(train_args, seed, sweep_dir, name) for seed in args.seeds}
     print(f"irra-sweep: {len(commands)} runs of {cfg.name} in {sweep_dir} (W&B group {name})", flush=True)
     status = run_seeds(commands, slots, sweep_dir)

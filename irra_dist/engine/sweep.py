@@ -22,6 +22,7 @@ from datetime import datetime
 from pathlib import Path
 
 from irra_dist.config import ConfigError
+from irra_dist.data.shards import MANIFEST_NAME
 from irra_dist.engine.cli import EXIT_BAD_INPUT, load_train_config, train_parser
 
 # A run is `python -c <this>`: the same entry point as irra-train, without relying on console scripts.
@@ -167,6 +168,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     sweep_dir.mkdir(parents=True, exist_ok=True)
     # A terminated sweep stops its runs too (they are in their own process groups): SIGTERM unwinds run_seeds.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
+    demo_missing = cfg.data.build_demo_if_missing and not (Path(cfg.data.shards) / MANIFEST_NAME).is_file()
+    if len(slots) > 1 and demo_missing:
+        # Once, here: runs started together would each try to generate the demo shards.
+        from irra_dist.engine.trainer import build_demo_shards
+
+        print(f"irra-sweep: generating the demo shards in {cfg.data.shards} first", flush=True)
+        build_demo_shards(Path(cfg.data.shards), cfg.model.image_size)
     commands = {seed: seed_command(train_args, seed, sweep_dir, name) for seed in args.seeds}
     print(f"irra-sweep: {len(commands)} runs of {cfg.name} in {sweep_dir} (W&B group {name})", flush=True)
     status = run_seeds(commands, slots, sweep_dir)

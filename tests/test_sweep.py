@@ -17,8 +17,6 @@ from conftest import REPO, subprocess_env
 from irra_dist.config import load_config
 from irra_dist.engine.runlog import read_metrics
 
-pytestmark = pytest.mark.slow
-
 
 def _run(cmd: list[str], timeout: float = 900) -> subprocess.CompletedProcess:
     proc = subprocess.Popen(cmd, cwd=REPO, env=subprocess_env(), stdout=subprocess.PIPE,
@@ -38,6 +36,7 @@ def _first_best_epoch(rows: list[dict], split: str) -> int:
     return max(evals, key=lambda item: (item[1], -item[0]))[0]
 
 
+@pytest.mark.slow
 @pytest.mark.usefixtures("fresh_accelerate")
 def test_two_seed_sweep_runs_each_seed_and_reports_the_val_selected_test_results(make_tiny_recipe,
                                                                                    tmp_path: Path) -> None:
@@ -83,6 +82,7 @@ def test_sweep_refuses_a_seed_override_in_one_line(tiny_recipe: Path, capsys) ->
     assert not (tiny_recipe.parent / "runs").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.usefixtures("fresh_accelerate")
 def test_test_selected_run_records_val_every_epoch_and_never_a_final_row(tiny_recipe: Path) -> None:
     from irra_dist.engine.cli import train_main
@@ -98,3 +98,39 @@ def test_test_selected_run_records_val_every_epoch_and_never_a_final_row(tiny_re
     assert results["best_on_val"]["epoch"] == _first_best_epoch(rows, "val")
     assert results["best_on_test"]["epoch"] == _first_best_epoch(rows, "test")
     assert results["last"]["epoch"] == 2
+
+
+@pytest.mark.parametrize("visible", [None, "1,2"])
+def test_free_gpus_are_those_without_a_compute_process(tmp_path: Path, monkeypatch, visible) -> None:
+    from irra_dist.engine.sweep import free_gpus
+
+    # No GPU here: an nvidia-smi stand-in answering the two queries free_gpus makes (4 GPUs, GPU 2 busy).
+    fake = tmp_path / "nvidia-smi"
+    fake.write_text("#!/bin/sh\ncase \"$1\" in\n"
+                    "  --query-gpu=*) printf '0, GPU-a\\n1, GPU-b\\n2, GPU-c\\n3, GPU-d\\n' ;;\n"
+                    "  --query-compute-apps=*) printf 'GPU-c\\n' ;;\nesac\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
+    if visible is None:
+        monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    else:
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
+    assert free_gpus() == (["0", "1", "3"] if visible is None else ["1"])
+
+
+def test_seeds_share_the_slots_one_run_per_gpu_at_a_time(tmp_path: Path) -> None:
+    from irra_dist.engine.sweep import run_seeds
+
+    # Each "run" records its GPU and start/end times; 3 seeds on 2 GPUs: never two runs on one GPU at once.
+    script = ("import os, sys, time; start = time.time(); time.sleep(0.5); "
+              "print(os.environ['CUDA_VISIBLE_DEVICES'], start, time.time()); sys.exit(int(sys.argv[1]))")
+    commands = {seed: [sys.executable, "-c", script, "3" if seed == 2 else "0"] for seed in (1, 2, 3)}
+    status = run_seeds(commands, ["0", "1"], tmp_path)
+    assert status == {1: 0, 2: 3, 3: 0}
+    spans = [(gpu, float(a), float(b)) for gpu, a, b in
+             (((tmp_path / f"seed{s}.log").read_text().split()) for s in (1, 2, 3))]
+    assert {gpu for gpu, _, _ in spans} == {"0", "1"}
+    for i, (gpu, start, end) in enumerate(spans):
+        for other_gpu, other_start, other_end in spans[i + 1:]:
+            if gpu == other_gpu:
+                assert end <= other_start or other_end <= start

@@ -41,8 +41,9 @@ def _first_best_epoch(rows: list[dict], split: str) -> int:
 def test_two_seed_sweep_runs_each_seed_and_reports_the_val_selected_test_results(make_tiny_recipe,
                                                                                    tmp_path: Path) -> None:
     recipe = make_tiny_recipe(tmp_path)
-    proc = _run([sys.executable, "launch/sweep.py", "--seeds", "1", "2", "--name", "sw", "--",
-                 "--config", str(recipe), "train.num_epochs=2"])
+    # Both seeds at once (--jobs 2), one thread each: the two cores of the test machine.
+    proc = _run([sys.executable, "launch/sweep.py", "--seeds", "1", "2", "--jobs", "2", "--name", "sw", "--",
+                 "--config", str(recipe), "train.num_epochs=2", "train.cpu_threads=1"])
     assert proc.returncode == 0, proc.stdout[-3000:]
     sweep = tmp_path / "runs" / "sw"
     best_r1 = []
@@ -71,6 +72,7 @@ def test_two_seed_sweep_runs_each_seed_and_reports_the_val_selected_test_results
     assert float(table["best_on_val"]["R1_std"]) == pytest.approx(abs(best_r1[0] - best_r1[1]) / 2 ** 0.5,
                                                                   abs=1e-4)
     assert (sweep / "curves.png").stat().st_size > 0 and "| best-on-val | 2 |" in proc.stdout
+    assert (sweep / "seed1.log").is_file()  # parallel runs log to files, not to the console
 
 
 def test_sweep_refuses_a_seed_override_in_one_line(tiny_recipe: Path, capsys) -> None:

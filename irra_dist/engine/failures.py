@@ -162,6 +162,9 @@ class PeerFailureWatch:
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
         self._stop.set()
+        if self._thread is not None:
+            # Done polling before the caller tears the process group (and maybe the store) down.
+            self._thread.join(timeout=self.poll_s + 10)
 
     def _watch(self, store: dist.TCPStore) -> None:
         me = str(_rank())

@@ -583,6 +583,9 @@ def train(cfg: Config, *, resume: str | os.PathLike | None = None) -> Path:
             if cfg.logging.wandb and accelerator.is_main_process:
                 finish_wandb()
         else:
+            if accelerator.num_processes > 1:
+                # Every rank has stopped watching the store before any rank tears it down.
+                accelerator.wait_for_everyone()
             accelerator.end_training()
             if cfg.logging.wandb and accelerator.is_main_process:
                 finish_wandb()

@@ -550,7 +550,7 @@ def train(cfg: Config, *, resume: str | os.PathLike | None = None) -> Path:
     checkpoint = resolve_resume(cfg, resume)
     require_differentiable_gather()
     accelerator = build_accelerator(cfg, log_with="wandb" if cfg.logging.wandb else None)
-    failed = False
+    failed = completed = False
     try:
         with PeerFailureWatch(cfg.train.peer_failure_timeout_s), \
                 run_logging(is_main=accelerator.is_main_process, rank=accelerator.process_index) as logs:
@@ -571,6 +571,7 @@ def train(cfg: Config, *, resume: str | os.PathLike | None = None) -> Path:
             # Log lines go around the progress bar instead of through it.
             with logging_redirect_tqdm(loggers=[logs.logger]):
                 Trainer(cfg, accelerator, run_dir, loader).run(checkpoint)
+        completed = True
     except Exception as err:
         failed = True
         # Told before any teardown, so that the other ranks stop instead of waiting in a collective.
@@ -583,7 +584,7 @@ def train(cfg: Config, *, resume: str | os.PathLike | None = None) -> Path:
             if cfg.logging.wandb and accelerator.is_main_process:
                 finish_wandb()
         else:
-            if accelerator.num_processes > 1:
+            if completed and accelerator.num_processes > 1:
                 # Every rank has stopped watching the store before any rank tears it down.
                 accelerator.wait_for_everyone()
             accelerator.end_training()

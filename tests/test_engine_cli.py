@@ -122,7 +122,7 @@ def test_offline_wandb_run_holds_the_logged_metrics_and_eval_cli_reads_the_run(t
     monkeypatch.setenv("NETRC", str(tiny_recipe.parent / "no_netrc"))
     monkeypatch.setenv("WANDB_SILENT", "true")
     assert train_main(["--config", str(tiny_recipe), "train.run_name=wb", "logging.wandb=true",
-                       "logging.wandb_mode=auto"]) == 0
+                       "logging.wandb_mode=auto", "eval.split=val"]) == 0
     run = tiny_recipe.parent / "runs" / "wb"
     files = glob.glob(str(run / "wandb" / "offline-run-*" / "run-*.wandb"))
     assert len(files) == 1
@@ -136,7 +136,7 @@ def test_offline_wandb_run_holds_the_logged_metrics_and_eval_cli_reads_the_run(t
         assert float(logged[str(row["step"])]["train/global_batch"]) == 16
         assert row["samples_per_s"] > 0 and row["lr"] == pytest.approx(1e-4)
     eval_row = [row for row in metrics if row["kind"] == "eval"][0]
-    assert eval_row["split"] == "val" and eval_row["selects"]  # the default: select on val
+    assert eval_row["split"] == "val" and eval_row["selects"]
     r1 = [float(row["val/t2i_R1"]) for row in history if "val/t2i_R1" in row]
     assert r1 == [pytest.approx(eval_row["metrics"]["t2i"]["R1"])]
     # test touched once, after training, on best (= last here: one epoch); logged under the selection rule

@@ -43,7 +43,7 @@ def test_two_seed_sweep_runs_each_seed_and_reports_the_val_selected_test_results
     recipe = make_tiny_recipe(tmp_path)
     # Both seeds at once (--jobs 2), one thread each: the two cores of the test machine.
     proc = _run([sys.executable, "launch/sweep.py", "--seeds", "1", "2", "--jobs", "2", "--name", "sw", "--",
-                 "--config", str(recipe), "train.num_epochs=2", "train.cpu_threads=1"])
+                 "--config", str(recipe), "train.num_epochs=2", "train.cpu_threads=1", "eval.split=val"])
     assert proc.returncode == 0, proc.stdout[-3000:]
     sweep = tmp_path / "runs" / "sw"
     best_r1 = []

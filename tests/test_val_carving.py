@@ -100,6 +100,7 @@ def test_val_selection_on_shards_without_val_stops_before_the_run_folder(tmp_pat
     recipe = tmp_path / "r.yaml"
     recipe.write_text(yaml.safe_dump({
         **TINY_RECIPE, "data": {"num_workers": 0, "shards": str(tmp_path / "full")},
+        "eval": {**TINY_RECIPE["eval"], "split": "val"},
         "train": {**TINY_RECIPE["train"], "output_dir": str(tmp_path / "runs")}}))
     capsys.readouterr()
     assert train_main(["--config", str(recipe)]) == 2

@@ -45,16 +45,17 @@ CUDA_OVERHEAD = 1.0 * GIB
 """Assumed CUDA context, cuBLAS/cuDNN workspaces and allocator slack on the GPU (not measurable here)."""
 
 
-def _shape(name: str, layers: int = 4) -> dict[str, Any]:
-    """build_irra sizes: "vit_b16" (the paper: ViT-B/16 at 384x128) or "scaled" (width 256, 192x64)."""
+def _shape(name: str, layers: int = 4, width: int = 256) -> dict[str, Any]:
+    """build_irra sizes: "vit_b16" (the paper: ViT-B/16 at 384x128) or "scaled" (`width`, 192x64)."""
     from irra_dist.model.clip import ClipSizes
 
     paper = dataclasses.asdict(ClipSizes())
     if name == "vit_b16":
         return {**paper, "cmt_depth": 4}
-    return {**paper, "embed_dim": 256, "image_size": (192, 64), "vision_width": 256, "vision_heads": 4,
-            "vision_layers": layers, "text_width": 256, "text_heads": 4, "text_layers": layers,
-            "cmt_depth": layers}
+    heads = max(width // 64, 1)
+    return {**paper, "embed_dim": width, "image_size": (192, 64), "vision_width": width,
+            "vision_heads": heads, "vision_layers": layers, "text_width": width, "text_heads": heads,
+            "text_layers": layers, "cmt_depth": layers}
 
 
 def _batch(sizes: dict[str, Any], batch_size: int, device):
@@ -121,7 +122,7 @@ class _Stepper:
 
 
 def measure_step(batch_size: int, chunk_size: int = 0, *, shape: str = "scaled", layers: int = 4,
-                 precision: str = "no", device: str = "cpu", warmup: int = 1,
+                 width: int = 256, precision: str = "no", device: str = "cpu", warmup: int = 1,
                  timed: int = 2) -> dict[str, Any]:
     """Time and peak memory of full training steps in this process (CUDA: the allocator's peak).
 
@@ -130,6 +131,7 @@ def measure_step(batch_size: int, chunk_size: int = 0, *, shape: str = "scaled",
         chunk_size: rows per chunk (0: the plain step).
         shape: "scaled" (width 256, 192x64) or "vit_b16" (the paper's towers at 384x128).
         layers: tower and cross-modal depth of the scaled shape.
+        width: width of the scaled shape.
         precision: Accelerate's mixed precision ("no", "bf16", "fp16").
         device: "cpu" or "cuda".
         warmup: untimed steps first (the first allocates Adam's state).
@@ -142,7 +144,7 @@ def measure_step(batch_size: int, chunk_size: int = 0, *, shape: str = "scaled",
     """
     import torch
 
-    sizes = _shape(shape, layers)
+    sizes = _shape(shape, layers, width)
     stepper = _Stepper(sizes, chunk_size, batch_size, precision, device)
     batch = _batch(sizes, batch_size, stepper.acc.device)
     cuda = stepper.acc.device.type == "cuda"
@@ -252,9 +254,9 @@ def project_24gib(vit: dict[str, Any], sdm_per_col2: float, chunk_sizes=(32, 64,
 
 
 CASES = {
-    # (batch, chunk); quick: smaller batches and 2+2 layers, a smoke run well under a minute.
-    False: {"layers": 4, "cases": [(32, 0), (256, 0), (256, 32)]},
-    True: {"layers": 2, "cases": [(8, 0), (32, 0), (32, 8)]},
+    # (batch, chunk); quick: a smoke run of the same code at a narrow, shallow model and small batches.
+    False: {"layers": 4, "width": 256, "cases": [(32, 0), (256, 0), (256, 32)]},
+    True: {"layers": 1, "width": 64, "cases": [(4, 0), (16, 0), (16, 4)]},
 }
 
 
@@ -264,8 +266,8 @@ def _worker_main(args: list[str]) -> dict:
     kind, threads = args[0], int(args[1])
     torch.set_num_threads(threads)
     if kind == "step":
-        batch, chunk, layers = map(int, args[2:5])
-        return measure_step(batch, chunk, layers=layers)
+        batch, chunk, layers, *width = map(int, args[2:])
+        return measure_step(batch, chunk, layers=layers, **({"width": width[0]} if width else {}))
     return {"vit": measure_vit_b16_per_sample(), "sdm_per_col2": measure_sdm_per_column_squared()}
 
 
@@ -277,8 +279,9 @@ def run(quick: bool, threads: int = 1, no_projection: bool = False) -> list[dict
         reference) and ``ratio`` (value / baseline: the goal is at most 1.3 for memory, 1.4 for time).
     """
     setup = CASES[quick]
-    results = {case: measure_in_subprocess(__file__, ["step", threads, *case, setup["layers"]],
-                                           env=MALLOC_ENV) for case in setup["cases"]}
+    results = {case: measure_in_subprocess(__file__, ["step", threads, *case, setup["layers"],
+                                                      setup["width"]], env=MALLOC_ENV)
+               for case in setup["cases"]}
     small, big, chunked = setup["cases"]
     mib = 2.0 ** -20
     base = results[small]

@@ -138,9 +138,10 @@ def measure_step(batch_size: int, chunk_size: int = 0, *, shape: str = "scaled",
         timed: timed steps; the memory is that of one more step.
 
     Returns:
-        ``seconds_per_sample``, ``peak_bytes`` (whole process on the CPU, allocated tensors on CUDA),
-        ``step_growth_bytes`` (peak minus the memory at the step's start), ``losses`` of every step,
-        ``num_params``.
+        ``seconds_per_sample`` (wall clock), ``cpu_seconds_per_sample`` (this process's CPU time: steadier
+        than the wall clock on a shared machine), ``peak_bytes`` (whole process on the CPU, allocated
+        tensors on CUDA), ``step_growth_bytes`` (peak minus the memory at the step's start), ``losses`` of
+        every step, ``num_params``.
     """
     import torch
 
@@ -154,13 +155,14 @@ def measure_step(batch_size: int, chunk_size: int = 0, *, shape: str = "scaled",
             torch.cuda.synchronize()
 
     losses = [stepper.step(batch) for _ in range(warmup)]
-    times = []
+    times, cpu_times = [], []
     for _ in range(timed):
         sync()
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         losses.append(stepper.step(batch))
         sync()
         times.append(time.perf_counter() - start)
+        cpu_times.append(time.process_time() - cpu_start)
     if cuda:
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
@@ -172,7 +174,8 @@ def measure_step(batch_size: int, chunk_size: int = 0, *, shape: str = "scaled",
         losses.append(stepper.step(batch))
         growth = peak_rss_growth(base)
         peak = proc_kib("/proc/self/status", "VmHWM") * 1024
-    return {"seconds_per_sample": statistics.median(times) / batch_size, "peak_bytes": peak,
+    return {"seconds_per_sample": statistics.median(times) / batch_size,
+            "cpu_seconds_per_sample": statistics.median(cpu_times) / batch_size, "peak_bytes": peak,
             "step_growth_bytes": growth, "losses": losses, "num_params": stepper.num_params,
             "step_seconds": times}
 
@@ -271,52 +274,63 @@ def _worker_main(args: list[str]) -> dict:
     return {"vit": measure_vit_b16_per_sample(), "sdm_per_col2": measure_sdm_per_column_squared()}
 
 
+def case_rows(results: dict[tuple[int, int], dict[str, Any]]) -> list[dict]:
+    """Table rows of measured cases ``{(batch, chunk): measure_step result}``, in order: the first is the
+    baseline of every ratio; the last two are compared for their losses (unchunked vs chunked)."""
+    cases = list(results)
+    base = results[cases[0]]
+    mib = 2.0 ** -20
+    metrics = [("time per sample", "seconds_per_sample", 1.0, "s", "wall clock: median step / batch"),
+               ("CPU time per sample", "cpu_seconds_per_sample", 1.0, "s",
+                "process CPU time: median step / batch"),
+               ("peak memory", "peak_bytes", mib, "MiB", "process peak RSS during one step"),
+               ("step growth", "step_growth_bytes", mib, "MiB", "peak RSS minus RSS at the step's start")]
+    rows = []
+    for case, r in results.items():
+        label = f"batch {case[0]}" + (f" in chunks of {case[1]}" if case[1] else " unchunked")
+        for what, key, scale, unit, method in metrics:
+            if key in r and key in base:
+                rows.append({"name": f"{label}: {what}", "value": r[key] * scale, "unit": unit,
+                             "baseline": base[key] * scale, "ratio": r[key] / base[key], "method": method})
+    plain, chunked = results[cases[-2]]["losses"], results[cases[-1]]["losses"]
+    rel = max(abs(a - b) / abs(a) for a, b in zip(plain, chunked))
+    rows.append({"name": f"batch {cases[-1][0]}: loss, chunked vs unchunked (max rel diff over steps)",
+                 "value": rel, "unit": "", "baseline": None, "ratio": None,
+                 "method": "same weights, same batch"})
+    return rows
+
+
+def projection_rows(proj: dict[str, Any]) -> list[dict]:
+    """Table rows of the ViT-B/16 measurement and the 24 GiB projection."""
+    vit, mib = proj["vit"], 2.0 ** -20
+    rows = [{"name": "ViT-B/16 384x128 bf16: memory per sample", "value": vit["per_sample_bytes"] * mib,
+             "unit": "MiB", "baseline": None, "ratio": None,
+             "method": "measured: step growth (batch 3 - batch 1) / 2, CPU bf16 autocast"},
+            {"name": "SDM memory per (global batch)^2", "value": proj["sdm_per_col2"], "unit": "B",
+             "baseline": None, "ratio": None, "method": "measured: fwd+bwd at 2048 columns"}]
+    for p in project_24gib(vit, proj["sdm_per_col2"]):
+        what = f"chunks of {p['chunk']}" if p["chunk"] else "unchunked"
+        rows.append({"name": f"24 GiB GPU, {what}: largest global batch", "value": p["largest_batch"],
+                     "unit": "samples", "baseline": None, "ratio": None,
+                     "method": f"projected; batch 512 needs {p['gib_at_512']:.1f} GiB"})
+    return rows
+
+
 def run(quick: bool, threads: int = 1, no_projection: bool = False) -> list[dict]:
     """Measure the cases of CASES, then (unless `no_projection` or `quick`) the ViT-B/16 projection.
 
     Returns:
-        Rows with ``name``, ``value``, ``unit``, ``baseline`` (batch 32 unchunked or the batch-256 ratio's
-        reference) and ``ratio`` (value / baseline: the goal is at most 1.3 for memory, 1.4 for time).
+        Rows with ``name``, ``value``, ``unit``, ``baseline`` (the smallest unchunked batch's value) and
+        ``ratio`` (value / baseline: the goal for the chunked big batch is at most 1.3 for memory, 1.4 for
+        time), then the projection rows.
     """
     setup = CASES[quick]
     results = {case: measure_in_subprocess(__file__, ["step", threads, *case, setup["layers"],
                                                       setup["width"]], env=MALLOC_ENV)
                for case in setup["cases"]}
-    small, big, chunked = setup["cases"]
-    mib = 2.0 ** -20
-    base = results[small]
-    rows = []
-    for case in setup["cases"]:
-        r = results[case]
-        label = f"batch {case[0]}" + (f" in chunks of {case[1]}" if case[1] else " unchunked")
-        rows.append({"name": f"{label}: time per sample", "value": r["seconds_per_sample"], "unit": "s",
-                     "baseline": base["seconds_per_sample"],
-                     "ratio": r["seconds_per_sample"] / base["seconds_per_sample"],
-                     "method": "median step / batch", "losses": r["losses"]})
-        rows.append({"name": f"{label}: peak memory", "value": r["peak_bytes"] * mib, "unit": "MiB",
-                     "baseline": base["peak_bytes"] * mib, "ratio": r["peak_bytes"] / base["peak_bytes"],
-                     "method": "process peak RSS during one step"})
-        rows.append({"name": f"{label}: step growth", "value": r["step_growth_bytes"] * mib, "unit": "MiB",
-                     "baseline": base["step_growth_bytes"] * mib,
-                     "ratio": r["step_growth_bytes"] / base["step_growth_bytes"],
-                     "method": "peak RSS minus RSS at the step's start"})
-    rel = max(abs(a - b) / abs(a) for a, b in zip(results[big]["losses"], results[chunked]["losses"]))
-    rows.append({"name": f"batch {big[0]}: loss, chunked vs unchunked (max rel diff over steps)",
-                 "value": rel, "unit": "", "baseline": None, "ratio": None,
-                 "method": "same weights, same batch"})
+    rows = case_rows(results)
     if not (quick or no_projection):
-        proj = measure_in_subprocess(__file__, ["projection", threads], env=MALLOC_ENV)
-        vit = proj["vit"]
-        rows.append({"name": "ViT-B/16 384x128 bf16: memory per sample",
-                     "value": vit["per_sample_bytes"] * mib, "unit": "MiB", "baseline": None, "ratio": None,
-                     "method": "measured: step growth (batch 3 - batch 1) / 2, CPU bf16 autocast"})
-        rows.append({"name": "SDM memory per (global batch)^2", "value": proj["sdm_per_col2"], "unit": "B",
-                     "baseline": None, "ratio": None, "method": "measured: fwd+bwd at 2048 columns"})
-        for p in project_24gib(vit, proj["sdm_per_col2"]):
-            what = f"chunks of {p['chunk']}" if p["chunk"] else "unchunked"
-            rows.append({"name": f"24 GiB GPU, {what}: largest global batch", "value": p["largest_batch"],
-                         "unit": "samples", "baseline": None, "ratio": None,
-                         "method": f"projected; batch 512 needs {p['gib_at_512']:.1f} GiB"})
+        rows += projection_rows(measure_in_subprocess(__file__, ["projection", threads], env=MALLOC_ENV))
     return rows
 
 

@@ -193,10 +193,10 @@ class GradientCache:
             global_total = torch.stack(list(losses.values())).sum()
         losses = {f"{n}_loss": (losses | local_sums)[f"{n}_loss"] for n in self.names}
         total = torch.stack([v.detach() for v in losses.values()]).sum()
-        masked_rows = acc_sums.pop("_masked", None)
+        masked_tokens = acc_sums.pop("_masked", None)
         accs = {k: v / max(rows, 1) for k, v in acc_sums.items() if k != "mlm_acc"}
-        if "mlm_acc" in acc_sums and masked_rows is not None:
-            accs["mlm_acc"] = acc_sums["mlm_acc"] / masked_rows.clamp_min(1)
+        if "mlm_acc" in acc_sums and masked_tokens is not None:
+            accs["mlm_acc"] = acc_sums["mlm_acc"] / masked_tokens.clamp_min(1)
         return CachedStep(losses, total, accs, chunks, rng, rng_after, features, global_total, norm)
 
     def backward(self, step: CachedStep, loss_scale: float = 1.0) -> None:

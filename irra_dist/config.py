@@ -163,6 +163,9 @@ class TrainConfig:
     batch_size: int = 64
     """Per-device batch; the global batch is batch_size x processes x grad_accum_steps."""
     grad_accum_steps: int = 1
+    chunk_size: int = 0
+    """Run each device's batch in chunks of this many rows with gradient caching (engine/gradcache.py): the
+    exact gradient of the whole batch at the activation memory of one chunk, for one extra forward. 0: off."""
     seed: int = 1
     mixed_precision: Literal["auto", "no", "fp16", "bf16"] = "auto"
     """"auto": bf16 on a GPU that supports it, else fp16 on GPU, fp32 on CPU."""
@@ -190,7 +193,7 @@ class TrainConfig:
         _require(self.peer_failure_timeout_s > 0, "train.peer_failure_timeout_s", "a number of seconds > 0")
         for name in ("num_epochs", "batch_size", "grad_accum_steps", "log_period"):
             _require(getattr(self, name) >= 1, f"train.{name}", "an integer >= 1")
-        for name in ("checkpoint_every_steps", "max_steps"):
+        for name in ("checkpoint_every_steps", "max_steps", "chunk_size"):
             _require(getattr(self, name) >= 0, f"train.{name}", "an integer >= 0")
         _require(self.max_nonfinite_steps >= 1, "train.max_nonfinite_steps", "an integer >= 1")
         _require(self.cpu_threads >= 0, "train.cpu_threads", "an integer >= 0 (0: all cores)")

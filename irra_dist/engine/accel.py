@@ -18,6 +18,7 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs, DistributedType, InitProcessGroupKwargs
 
 from irra_dist.config import Config, ConfigError
+from irra_dist.engine.gradcache import check_chunking
 
 logger = logging.getLogger(__name__)
 
@@ -86,6 +87,7 @@ def build_accelerator(cfg: Config, *, log_with: str | None = None) -> Accelerato
     if accelerator.distributed_type == DistributedType.DEEPSPEED:
         fill_deepspeed_config(accelerator.state.deepspeed_plugin.deepspeed_config, cfg,
                               accelerator.num_processes)
+        check_chunking(cfg, accelerator.state.deepspeed_plugin.deepspeed_config)
     if cuda:
         # fp32 matmuls (the classifier and MLM head run outside autocast) may use TF32 tensor cores.
         torch.backends.cuda.matmul.allow_tf32 = True

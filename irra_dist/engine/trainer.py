@@ -46,6 +46,7 @@ from irra_dist.engine.checkpointing import (
 )
 from irra_dist.engine.evaluate import evaluate_retrieval, flat_metrics, show_progress
 from irra_dist.engine.failures import PeerFailure, PeerFailureWatch, announce, inject_failure
+from irra_dist.engine.gradcache import build_grad_cache
 from irra_dist.engine.runlog import (
     BEST_WEIGHTS_FILE,
     CONFIG_FILE,
@@ -277,6 +278,7 @@ class Trainer:
         # once per optimizer step; it is stepped here, per epoch or per step as the recipe says.
         self.scheduler = build_lr_scheduler(optimizer, cfg.optim, cfg.train.num_epochs, self.steps_per_epoch)
         self.model, self.optimizer = accelerator.prepare(model, optimizer)
+        self.grad_cache = build_grad_cache(accelerator, self.model, cfg)
         self.gallery = self.queries = None
         self.examples: dict[str, RetrievalExamples] = {}  # per split, built on first use, main process only
         self.examples_png: Path | None = None
@@ -342,16 +344,20 @@ class Trainer:
         sizes = [c[0] for c in counts]
         global_rows, global_masked = sum(sizes), sum(c[1] for c in counts)
         batch = _to_device(batch, self.device)
-        outputs = self.model(batch)
         columns, normalizers = None, None
         if self.cfg.loss.global_batch:
-            if any(n in self.names for n in ("sdm", "itc", "cmpm")):
-                columns = gather_columns(outputs["image_feats"], outputs["text_feats"], batch["pids"], sizes)
             normalizers = {"batch": max(global_rows, 1) / self.world,
                            "mlm": max(global_masked, 1) / self.world}
-        losses = irra_losses(outputs, batch, self.names, self.cfg.model.temperature, self.weights,
-                             columns=columns, normalizers=normalizers)
-        total = torch.stack(list(losses.values())).sum()
+        if self.grad_cache is not None:  # train.chunk_size: pass 1 of the gradient-cached step
+            cached = self.grad_cache.forward(batch, sizes, normalizers, masked)
+            losses, total = cached.losses, cached.total
+        else:
+            outputs = self.model(batch)
+            if self.cfg.loss.global_batch and any(n in self.names for n in ("sdm", "itc", "cmpm")):
+                columns = gather_columns(outputs["image_feats"], outputs["text_feats"], batch["pids"], sizes)
+            losses = irra_losses(outputs, batch, self.names, self.cfg.model.temperature, self.weights,
+                                 columns=columns, normalizers=normalizers)
+            total = torch.stack(list(losses.values())).sum()
         # The one per-step host sync of the loop: every rank must agree on skipping.
         bad = all_reduce_sum((~torch.isfinite(total.detach())).float()).item() > 0
         if bad:
@@ -373,12 +379,15 @@ class Trainer:
             return
         self.consecutive_nonfinite = 0
         # A short last group is scaled up so that the step is the mean over its micro-batches.
-        self.acc.backward(total * (self.accum / group_size) if group_size != self.accum else total)
+        if self.grad_cache is not None:
+            self.grad_cache.backward(cached, self.accum / group_size)
+        else:
+            self.acc.backward(total * (self.accum / group_size) if group_size != self.accum else total)
         if self.acc.sync_gradients and self.cfg.optim.grad_clip > 0 and not self.is_deepspeed:
             self.acc.clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        accs = irra_accuracies(outputs, batch)
+        accs = cached.accs if self.grad_cache is not None else irra_accuracies(outputs, batch)
         for s in stats:
             s.add(losses, total, accs, rows, masked, global_rows)
 

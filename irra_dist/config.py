@@ -205,8 +205,15 @@ class EvalConfig:
 
     eval_period: int = 1
     """Evaluate every N epochs (0: never during training)."""
-    split: Literal["test", "val"] = "test"
-    """Split used for evaluation and best-checkpoint selection; the official code selects on test."""
+    split: Literal["test", "val"] = "val"
+    """Split evaluated every `eval_period` epochs that selects the `best` checkpoint (by t2i R1). "val" keeps
+    the test split untouched until the end (see `final_test`); the official code selects on "test"."""
+    track_splits: list[str] = field(default_factory=list)
+    """Other splits evaluated at the same epochs and recorded, never used for selection (irra_official:
+    [val], so that its test-selected runs also record best-on-val). Skipped when the shards have none."""
+    final_test: bool = True
+    """When selecting on val: after the last epoch, evaluate the test split once on `best` and once on the
+    last weights (the only time such a run touches test)."""
     batch_size: int = 512
     chunk_size: int = 1024
     """Queries scored at a time: bounds metric memory to chunk_size x gallery size."""
@@ -221,6 +228,9 @@ class EvalConfig:
         _require(self.eval_period >= 0, "eval.eval_period", "an integer >= 0")
         _require(self.batch_size >= 1, "eval.batch_size", "an integer >= 1")
         _require(self.chunk_size >= 1, "eval.chunk_size", "an integer >= 1")
+        _require(all(s in ("val", "test") and s != self.split for s in self.track_splits)
+                 and len(set(self.track_splits)) == len(self.track_splits), "eval.track_splits",
+                 f"a list of splits from ['val', 'test'] other than eval.split ({self.split!r})")
 
 
 @dataclass
@@ -232,6 +242,8 @@ class LoggingConfig:
     entity: str = ""
     wandb_mode: Literal["auto", "online", "offline"] = "auto"
     """"auto": online when credentials exist and the service answers, otherwise offline."""
+    group: str = ""
+    """W&B run group (irra-sweep puts the runs of one sweep in one group)."""
 
 
 @dataclass

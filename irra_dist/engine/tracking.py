@@ -102,6 +102,8 @@ def init_wandb(accelerator: Any, cfg: LoggingConfig, *, run_dir: Path, run_name:
                                    "mode": mode}
     if cfg.entity:
         init_kwargs["entity"] = cfg.entity
+    if cfg.group:
+        init_kwargs["group"] = cfg.group
     accelerator.init_trackers(cfg.project, config=config, init_kwargs={"wandb": init_kwargs})
     if mode == "offline":
         logger.info("W&B is offline (%s); upload later with: wandb sync %s/wandb/offline-run-*",

@@ -31,10 +31,11 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from irra_dist.config import Config, ConfigError, dump_config, save_config
 from irra_dist.data.pipeline import TrainLoader, build_eval_loaders
-from irra_dist.data.shards import MANIFEST_NAME
+from irra_dist.data.shards import MANIFEST_NAME, load_manifest
 from irra_dist.distributed import all_reduce_sum, gather_columns, require_differentiable_gather
 from irra_dist.engine.accel import build_accelerator
 from irra_dist.engine.checkpointing import (
+    CHECKPOINTS_DIR,
     TrainerState,
     export_weights,
     find_latest_run,
@@ -53,10 +54,12 @@ from irra_dist.engine.runlog import (
     METRICS_FILE,
     WEIGHTS_FILE,
     MetricsWriter,
+    read_metrics,
     run_logging,
 )
 from irra_dist.engine.tracking import finish_wandb, init_wandb, new_run_id
 from irra_dist.evaluation.metrics import format_metrics_table
+from irra_dist.evaluation.selection import RULE_TITLES, select_results
 from irra_dist.losses import irra_accuracies, irra_losses
 from irra_dist.model import CheckpointError, build_irra_from_config
 from irra_dist.optim import build_lr_scheduler, build_optimizer
@@ -135,6 +138,25 @@ def ensure_shards(accelerator: Accelerator, cfg: Config) -> None:
         logger.info("no shards in %s: generating the synthetic demo dataset and its shards", shards)
         build_demo_shards(shards, cfg.model.image_size)
     accelerator.wait_for_everyone()
+
+
+def evaluation_splits(cfg: Config, manifest: dict[str, Any]) -> list[str]:
+    """The splits evaluated every ``eval.eval_period`` epochs: the selecting split first, then the tracked
+    ones the shards hold (ICFG-PEDES has no val split unless built with ``--val-ids``).
+
+    Raises:
+        ConfigError: the selecting split has no images.
+    """
+    def images(split: str) -> int:
+        return int(manifest["splits"].get(split, {}).get("num_images", 0))
+
+    if images(cfg.eval.split) == 0:
+        hint = ("rebuild the shards with a val split carved from the training identities "
+                "(irra-build-shards ... --val-ids N), or select on test with eval.split=test"
+                if cfg.eval.split == "val" else "rebuild the shards")
+        raise ConfigError(f"eval.split={cfg.eval.split} selects the best checkpoint, but {cfg.data.shards} "
+                          f"has no {cfg.eval.split} images: {hint}")
+    return [cfg.eval.split, *(s for s in cfg.eval.track_splits if images(s) > 0)]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -258,14 +280,23 @@ class Trainer:
         self.model, self.optimizer = accelerator.prepare(model, optimizer)
         self.grad_cache = build_grad_cache(accelerator, self.model, cfg)
         self.gallery = self.queries = None
-        self.examples: RetrievalExamples | None = None  # built on first use, main process only
+        self.examples: dict[str, RetrievalExamples] = {}  # per split, built on first use, main process only
         self.examples_png: Path | None = None
         self.last_metrics: dict | None = None
+        self.results: dict[str, dict[str, Any]] = {}
+        # split -> (gallery, queries); the selecting split first (evaluation_splits).
+        self.eval_sets: dict[str, tuple[Any, Any]] = {}
         if cfg.eval.eval_period > 0:
-            self.gallery, self.queries = build_eval_loaders(
-                cfg.data.shards, cfg.eval.split, rank=accelerator.process_index, world_size=self.world,
-                batch_size=cfg.eval.batch_size, num_workers=cfg.data.num_workers,
-                image_size=tuple(cfg.model.image_size), pin_memory=self.device.type == "cuda")
+            manifest = load_manifest(cfg.data.shards, verify="none")
+            for split in evaluation_splits(cfg, manifest):
+                self.eval_sets[split] = self._eval_loaders(split)
+            self.gallery, self.queries = self.eval_sets[cfg.eval.split]
+
+    def _eval_loaders(self, split: str) -> tuple[Any, Any]:
+        return build_eval_loaders(
+            self.cfg.data.shards, split, rank=self.acc.process_index, world_size=self.world,
+            batch_size=self.cfg.eval.batch_size, num_workers=self.cfg.data.num_workers,
+            image_size=tuple(self.cfg.model.image_size), pin_memory=self.device.type == "cuda")
 
     # ---------------------------------------------------------------------------------------------
 
@@ -381,47 +412,119 @@ class Trainer:
                      | {"train/global_batch": self.cfg.train.batch_size * self.world * self.accum},
                      step=self.state.step)
 
-    def _draw_examples(self, epoch: int) -> Callable[..., None]:
-        """The evaluation hook that draws a few fixed queries' top-5 into retrieval/epoch_NNN.png."""
+    def _draw_examples(self, split: str, png: Path) -> Callable[..., None]:
+        """The evaluation hook that draws a few fixed queries of `split` and their top-5 into `png`."""
 
         def draw(g_feats, g_pids, g_index, q_feats, q_index) -> None:
             try:
-                if self.examples is None:
-                    self.examples = RetrievalExamples(self.cfg.data.shards, self.cfg.eval.split)
-                png = self.examples.save(self.run_dir / "retrieval" / f"epoch_{epoch:03d}.png",
-                                         g_feats, g_pids, g_index, q_feats, q_index)
+                if split not in self.examples:
+                    self.examples[split] = RetrievalExamples(self.cfg.data.shards, split)
+                drawn = self.examples[split].save(png, g_feats, g_pids, g_index, q_feats, q_index)
             except (OSError, ValueError) as err:  # a picture must never stop training
                 logger.warning("could not draw the retrieval examples: %s", err)
                 return
-            if png is not None:
-                self.examples_png = png
+            if drawn is not None:
+                self.examples_png = drawn
 
         return draw
 
-    def evaluate(self, epoch: int) -> bool:
-        """Evaluate, log the table and metrics; True when R1 improved on the best so far."""
+    def _evaluate_split(self, split: str, loaders: tuple[Any, Any], png_name: str,
+                        logged: dict[str, Any]) -> dict:
+        """Evaluate one split and draw its retrieval grid; adds the grid to `logged` (W&B ``<split>/...``)."""
         self.examples_png = None
-        metrics = evaluate_retrieval(self.acc, self.model, self.gallery, self.queries, self.cfg.eval,
-                                     on_features=self._draw_examples(epoch))
-        self.last_metrics = metrics
-        r1 = metrics["t2i"]["R1"]
-        improved = r1 > self.state.best_r1
-        if improved:
-            self.state.best_r1, self.state.best_epoch = r1, epoch
-        logger.info("Validation Results - Epoch: %d (%s split)\n%s", epoch, self.cfg.eval.split,
-                    format_metrics_table(metrics))
-        logger.info("best R1: %.3f at epoch %d", self.state.best_r1, self.state.best_epoch)
-        self.metrics.write({"kind": "eval", "epoch": epoch, "step": self.state.step,
-                            "split": self.cfg.eval.split, "metrics": metrics})
-        logged = flat_metrics(metrics) | {"eval/best_R1": self.state.best_r1}
+        draw = self._draw_examples(split, self.run_dir / "retrieval" / png_name)
+        metrics = evaluate_retrieval(self.acc, self.model, *loaders, self.cfg.eval, on_features=draw)
         if self.examples_png is not None:
             logger.info("retrieval examples: %s", self.examples_png)
             if self.cfg.logging.wandb:
                 import wandb
 
-                logged["eval/retrieval_examples"] = wandb.Image(str(self.examples_png))
+                logged[f"{split}/retrieval_examples"] = wandb.Image(str(self.examples_png))
+        return metrics
+
+    def evaluate(self, epoch: int) -> bool:
+        """Evaluate the selecting split (and the tracked ones), log tables and metrics; True when the
+        selecting split's t2i R1 improved on the best so far."""
+        improved = False
+        logged: dict[str, Any] = {}
+        picture = None
+        for split, loaders in self.eval_sets.items():
+            selects = split == self.cfg.eval.split
+            png_name = f"epoch_{epoch:03d}.png" if selects else f"{split}_epoch_{epoch:03d}.png"
+            metrics = self._evaluate_split(split, loaders, png_name, logged)
+            logger.info("Validation Results - Epoch: %d (%s split%s)\n%s", epoch, split,
+                        "" if selects else ", recorded, not used for selection",
+                        format_metrics_table(metrics))
+            self.metrics.write({"kind": "eval", "epoch": epoch, "step": self.state.step, "split": split,
+                                "selects": selects, "metrics": metrics})
+            logged |= flat_metrics(metrics, prefix=split)
+            if selects:
+                picture = self.examples_png
+                self.last_metrics = metrics
+                improved = metrics["t2i"]["R1"] > self.state.best_r1
+                if improved:
+                    self.state.best_r1, self.state.best_epoch = metrics["t2i"]["R1"], epoch
+                logged[f"{split}/best_t2i_R1"] = self.state.best_r1
+        self.examples_png = picture
+        logger.info("best R1: %.3f at epoch %d (%s split)", self.state.best_r1, self.state.best_epoch,
+                    self.cfg.eval.split)
         self.acc.log(logged, step=self.state.step)
         return improved
+
+    def final_test(self) -> None:
+        """A run that selects on val touches the test split here, once training is complete: on the last
+        weights and on `best` (one evaluation when they are the same epoch). Recorded as ``final`` rows."""
+        cfg = self.cfg
+        if not self.eval_sets or cfg.eval.split == "test" or not cfg.eval.final_test:
+            return
+        if self.state.best_epoch <= 0:
+            logger.warning("no evaluation ran, so no best checkpoint exists: the final test evaluation is "
+                           "skipped")
+            return
+        loaders = self._eval_loaders("test")
+        last_epoch, best_epoch = cfg.train.num_epochs, self.state.best_epoch
+        logged: dict[str, Any] = {}
+        plan = [("last", last_epoch)] if best_epoch != last_epoch else []
+        plan.append(("best", best_epoch))
+        for weights, epoch in plan:
+            if weights == "best" and best_epoch != last_epoch:
+                best = self.run_dir / CHECKPOINTS_DIR / "best"
+                logger.info("loading the best checkpoint (epoch %d, selected on %s) for the test split",
+                            epoch, cfg.eval.split)
+                load_checkpoint(self.acc, resolve_checkpoint(best))
+            metrics = self._evaluate_split("test", loaders, f"test_{weights}.png", logged)
+            names = ["best", "last"] if best_epoch == last_epoch else [weights]
+            for name in names:
+                logger.info("Test Results - %s weights (epoch %d, selected on %s)\n%s", name, epoch,
+                            cfg.eval.split, format_metrics_table(metrics))
+                self.metrics.write({"kind": "final", "epoch": epoch, "step": self.state.step, "split": "test",
+                                    "weights": name, "selected_on": cfg.eval.split, "metrics": metrics})
+        self.acc.log(logged, step=self.state.step)
+
+    def _finish(self) -> None:
+        """Once per completed run: the final test evaluation, a ``complete`` row, and the selection rules'
+        test metrics (console, W&B keys ``<rule>/test_t2i_*`` and a ``results`` table)."""
+        done = [False]
+        if self.acc.is_main_process and self.metrics.path.is_file():
+            done = [any(row.get("kind") == "complete" for row in read_metrics(self.metrics.path))]
+        if broadcast_object_list(done)[0]:
+            return
+        self.final_test()
+        self.metrics.write({"kind": "complete", "epoch": self.cfg.train.num_epochs, "step": self.state.step})
+        if not self.acc.is_main_process:
+            return
+        self.results = select_results(read_metrics(self.metrics.path))
+        logged: dict[str, Any] = {}
+        for rule, result in self.results.items():
+            logged[f"{rule}/epoch"] = result["epoch"]
+            logged |= {f"{rule}/test_t2i_{name}": value for name, value in result["metrics"].items()}
+        if self.cfg.logging.wandb and self.results:
+            import wandb
+
+            columns = ["rule", "epoch", *next(iter(self.results.values()))["metrics"]]
+            logged["results/test_t2i"] = wandb.Table(columns=columns, data=[
+                [RULE_TITLES[rule], r["epoch"], *r["metrics"].values()] for rule, r in self.results.items()])
+        self.acc.log(logged, step=self.state.step)
 
     def train_epoch(self, epoch: int) -> bool:
         """Run (the rest of) one epoch; False when train.max_steps stopped it early."""
@@ -487,6 +590,16 @@ class Trainer:
             official = " (as the official code and the paper did)" if cfg.eval.split == "test" else ""
             logger.info("evaluating every %d epochs on the %s split; the best checkpoint is chosen by t2i R1 "
                         "on that split%s", cfg.eval.eval_period, cfg.eval.split, official)
+            for split in cfg.eval.track_splits:
+                if split in self.eval_sets:
+                    logger.info("the %s split is evaluated at the same epochs and recorded, not used for "
+                                "selection", split)
+                else:
+                    logger.info("eval.track_splits names %s, but %s has no %s images: not recorded", split,
+                                cfg.data.shards, split)
+            if cfg.eval.split != "test" and cfg.eval.final_test:
+                logger.info("the test split is evaluated once, after the last epoch, on the best and the "
+                            "last weights")
 
     def run(self, checkpoint: Path | None) -> None:
         """Train from the start or from `checkpoint` to the last epoch (or train.max_steps)."""
@@ -500,6 +613,7 @@ class Trainer:
                                   "resume with the same train.batch_size x processes")
         else:
             self.state.wandb_run_id = broadcast_object_list([new_run_id()])[0]
+            self._write_run_row()
         self.state.global_batch_size = global_batch
         if self.acc.is_main_process:
             save_config(cfg, self.run_dir / CONFIG_FILE)
@@ -524,14 +638,31 @@ class Trainer:
             if improved:
                 self.export(BEST_WEIGHTS_FILE)
         if self.state.epoch > cfg.train.num_epochs:
-            logger.info("training complete: %d epochs, %d steps, %d non-finite steps skipped; best R1 %.3f "
-                        "at epoch %d", cfg.train.num_epochs, self.state.step, self.state.nonfinite_steps,
-                        self.state.best_r1, self.state.best_epoch)
+            self._finish()
+            logger.info("training complete: %d epochs, %d steps, %d non-finite steps skipped; best %s R1 "
+                        "%.3f at epoch %d", cfg.train.num_epochs, self.state.step, self.state.nonfinite_steps,
+                        cfg.eval.split, self.state.best_r1, self.state.best_epoch)
             self._log_summary()
 
+    def _write_run_row(self) -> None:
+        """The first row of metrics.jsonl: what this run is, for irra-report (recipe, dataset, protocol)."""
+        manifest = load_manifest(self.cfg.data.shards, verify="none")
+        self.metrics.write({
+            "kind": "run", "step": 0, "recipe": self.cfg.name, "dataset": manifest.get("dataset"),
+            "annotation_sha256": manifest.get("annotation_sha256"),
+            "val_from_train": manifest.get("val_from_train"), "shards": str(self.cfg.data.shards),
+            "seed": self.cfg.train.seed, "num_epochs": self.cfg.train.num_epochs,
+            "selection_split": self.cfg.eval.split, "track_splits": list(self.cfg.eval.track_splits),
+            "final_test": self.cfg.eval.final_test and self.cfg.eval.split != "test",
+            "group": self.cfg.logging.group})
+
     def _log_summary(self) -> None:
-        """The last lines a user reads: final metrics, where the run is, and a picture to open."""
-        if self.last_metrics is not None:
+        """The last lines a user reads: test metrics per selection rule, the run folder, a picture to open."""
+        if self.results:
+            rows = {f"t2i {RULE_TITLES[rule]} @{r['epoch']}": r["metrics"]
+                    for rule, r in self.results.items()}
+            logger.info("test split, by selection rule (epoch after @):\n%s", format_metrics_table(rows))
+        elif self.last_metrics is not None:
             logger.info("final %s metrics (epoch %d):\n%s", self.cfg.eval.split, self.cfg.train.num_epochs,
                         format_metrics_table(self.last_metrics))
         logger.info("run folder: %s", self.run_dir.resolve())
@@ -572,6 +703,9 @@ def train(cfg: Config, *, resume: str | os.PathLike | None = None) -> Path:
                 image_aug=cfg.data.image_aug, sampler=cfg.data.sampler, num_instances=cfg.data.num_instances,
                 drop_last=cfg.data.drop_last, mlm=cfg.data.mlm, mask_global_text=cfg.data.mask_global_text,
                 pin_memory=accelerator.device.type == "cuda")
+            if cfg.eval.eval_period > 0:
+                # A missing val split stops here, before the run folder exists.
+                evaluation_splits(cfg, load_manifest(cfg.data.shards, verify="none"))
             run_dir = run_dir_of(checkpoint) if checkpoint is not None else _new_run_dir(accelerator, cfg)
             if accelerator.is_main_process:
                 run_dir.mkdir(parents=True, exist_ok=True)

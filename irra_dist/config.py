@@ -91,7 +91,10 @@ class DataConfig:
     mask_global_text: bool = True
     """Feed the masked caption to SDM/ID too, as the official code does through an aliasing bug."""
     build_demo_if_missing: bool = False
-    """Generate the synthetic demo dataset and its shards when `shards` has no manifest."""
+    """Generate the synthetic demo dataset and its shards at `shards` when it has no manifest."""
+    demo_shards: str = ""
+    """The demo's own data location: when `shards` is this folder and has no manifest, the synthetic demo
+    dataset is generated there (a mistyped `shards` elsewhere is an error, not a new dataset)."""
 
     def __post_init__(self) -> None:
         _require(self.num_workers >= 0, "data.num_workers", "an integer >= 0")
@@ -244,6 +247,12 @@ class Config:
         if "mlm" in self.loss.names and not self.data.mlm:
             raise ConfigError("loss.names contains 'mlm' but data.mlm is false: set data.mlm=true "
                               "or drop mlm from loss.names")
+        if self.optim.scheduler == "cosine" and self.optim.warmup_epochs >= self.train.num_epochs:
+            # Checked here, when the config is read, so that it fails before any process or folder exists.
+            raise ConfigError(f"optim.warmup_epochs={self.optim.warmup_epochs} leaves no epoch for the "
+                              f"cosine schedule with train.num_epochs={self.train.num_epochs}: set "
+                              f"optim.warmup_epochs={max(self.train.num_epochs - 1, 0)} or lower, or raise "
+                              "train.num_epochs")
 
     def to_dict(self) -> dict[str, Any]:
         return _to_plain(dataclasses.asdict(self))

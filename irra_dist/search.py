@@ -41,7 +41,7 @@ import yaml
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from irra_dist.config import ConfigError, ModelConfig, config_from_dict, load_config
+from irra_dist.config import ConfigError, ModelConfig, config_from_dict
 from irra_dist.data.pipeline import build_eval_loaders
 from irra_dist.data.shards import (
     MANIFEST_NAME,
@@ -136,7 +136,9 @@ def load_search_model(run: str | os.PathLike | None = None, checkpoint: str | os
             if not path.is_file():
                 raise SearchError(f"{home} has no {path.name}: pass a run folder in which an epoch finished, "
                                   "or a weights file with --checkpoint FILE")
-        cfg = load_config(home / RUN_CONFIG)
+        from irra_dist.engine.runfolder import load_run_config
+
+        cfg = load_run_config(home)
         model_cfg = cfg.model
         shards = Path(cfg.data.shards)
         default_gallery = shards if (shards / MANIFEST_NAME).is_file() else None

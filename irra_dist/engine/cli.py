@@ -71,7 +71,7 @@ def load_train_config(config: str | None, overrides: list[str], resume: str | No
         ``(cfg, checkpoint folder or None)``.
     """
     from irra_dist.engine.checkpointing import resolve_checkpoint, run_dir_of
-    from irra_dist.engine.runlog import CONFIG_FILE
+    from irra_dist.engine.runfolder import load_run_config
     from irra_dist.engine.trainer import resolve_resume
 
     if resume is None:
@@ -84,7 +84,7 @@ def load_train_config(config: str | None, overrides: list[str], resume: str | No
         checkpoint = resolve_resume(probe, "latest")
     else:
         checkpoint = resolve_checkpoint(resume)
-    return load_config(run_dir_of(checkpoint) / CONFIG_FILE, overrides), checkpoint
+    return load_run_config(run_dir_of(checkpoint), overrides), checkpoint
 
 
 def train_main(argv: Sequence[str] | None = None) -> int:
@@ -148,13 +148,15 @@ def _export_official(args: argparse.Namespace) -> int:
     from irra_dist.engine.evaluate import export_target
 
     try:
-        source = export_target(args.target, args.export_official, weights=args.weights,
+        source, note = export_target(args.target, args.export_official, weights=args.weights,
                                image_size=tuple(args.image_size) if args.image_size else None,
                                stride_size=args.stride)
     except _user_errors() as err:
         _report(str(err))
         return EXIT_BAD_INPUT
     print(f"wrote {args.export_official} (official best.pth format) from {source}")
+    if note:
+        print(f"note: {note}")
     return 0
 
 

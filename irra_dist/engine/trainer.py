@@ -31,7 +31,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from irra_dist.config import Config, ConfigError, dump_config, save_config
 from irra_dist.data.pipeline import TrainLoader, build_eval_loaders
-from irra_dist.data.shards import MANIFEST_NAME
+from irra_dist.data.shards import MANIFEST_NAME, ShardError
 from irra_dist.distributed import all_reduce_sum, gather_columns
 from irra_dist.engine.accel import build_accelerator
 from irra_dist.engine.checkpointing import (
@@ -44,6 +44,7 @@ from irra_dist.engine.checkpointing import (
     save_checkpoint,
 )
 from irra_dist.engine.evaluate import evaluate_retrieval, flat_metrics, show_progress
+from irra_dist.engine.runfolder import RunFolderClaim, absolute_locations, claim_run_folder
 from irra_dist.engine.runlog import (
     BEST_WEIGHTS_FILE,
     CONFIG_FILE,
@@ -98,11 +99,21 @@ def _new_run_dir(accelerator: Accelerator, cfg: Config) -> Path:
     """``output_dir/<run_name or timestamp_name>``, named on the main process so every rank agrees."""
     name = [cfg.train.run_name or f"{datetime.now():%Y%m%d_%H%M%S}_{cfg.name}"]
     name = broadcast_object_list(name)
-    run_dir = Path(cfg.train.output_dir) / name[0]
-    if (run_dir / CONFIG_FILE).exists():
-        raise ConfigError(f"run folder {run_dir} already exists: resume it with --resume {run_dir}, or "
-                          "choose another train.run_name")
-    return run_dir
+    return Path(cfg.train.output_dir) / name[0]
+
+
+def _claim_on_main(accelerator: Accelerator, run_dir: Path, *, new: bool) -> RunFolderClaim:
+    """Claim the run folder on the main process; every rank raises the same ConfigError if that fails."""
+    claim, outcome = RunFolderClaim(run_dir, None, False), [None]
+    if accelerator.is_main_process:
+        try:
+            claim = claim_run_folder(run_dir, new=new)
+        except ConfigError as err:
+            outcome = [str(err)]
+    outcome = broadcast_object_list(outcome)
+    if outcome[0] is not None:
+        raise ConfigError(outcome[0])
+    return claim
 
 
 def build_demo_shards(shards_dir: Path, image_size: tuple[int, int]) -> None:
@@ -124,10 +135,29 @@ def build_demo_shards(shards_dir: Path, image_size: tuple[int, int]) -> None:
                      workers=workers, progress=False)
 
 
+def generates_demo_data(cfg: Config) -> bool:
+    """Whether missing shards at ``data.shards`` are to be generated: asked explicitly, or the folder is the
+    demo recipe's own location (``data.demo_shards``); never at some other, possibly mistyped, path."""
+    if cfg.data.build_demo_if_missing:
+        return True
+    own = cfg.data.demo_shards
+    return bool(own) and os.path.abspath(own) == os.path.abspath(cfg.data.shards)
+
+
 def ensure_shards(accelerator: Accelerator, cfg: Config) -> None:
-    """Build the demo shards on the main process if the recipe asks for it and they are missing."""
+    """Build the demo shards on the main process if the recipe asks for it and they are missing.
+
+    Raises:
+        ShardError: no shards at ``data.shards`` of a demo recipe pointed elsewhere (one line with the fix).
+    """
     shards = Path(cfg.data.shards)
-    if (shards / MANIFEST_NAME).is_file() or not cfg.data.build_demo_if_missing:
+    if (shards / MANIFEST_NAME).is_file():
+        return
+    if not generates_demo_data(cfg):
+        if cfg.data.demo_shards:
+            raise ShardError(f"no {MANIFEST_NAME} in {shards}: check data.shards (the demo generates its "
+                             f"data only at {cfg.data.demo_shards}), or add data.build_demo_if_missing=true "
+                             "to generate the synthetic demo data there")
         return  # a missing set is reported by the loader with a one-line ShardError
     if accelerator.is_main_process:
         logger.info("no shards in %s: generating the synthetic demo dataset and its shards", shards)
@@ -530,7 +560,9 @@ def train(cfg: Config, *, resume: str | os.PathLike | None = None) -> Path:
         NonFiniteLossError: too many consecutive non-finite losses.
     """
     checkpoint = resolve_resume(cfg, resume)
+    cfg = absolute_locations(cfg)  # the run works from any directory (docs/TRAINING.md)
     accelerator = build_accelerator(cfg, log_with="wandb" if cfg.logging.wandb else None)
+    claim: RunFolderClaim | None = None
     try:
         with run_logging(is_main=accelerator.is_main_process, rank=accelerator.process_index) as logs:
             ensure_shards(accelerator, cfg)
@@ -543,14 +575,21 @@ def train(cfg: Config, *, resume: str | os.PathLike | None = None) -> Path:
                 drop_last=cfg.data.drop_last, mlm=cfg.data.mlm, mask_global_text=cfg.data.mask_global_text,
                 pin_memory=accelerator.device.type == "cuda")
             run_dir = run_dir_of(checkpoint) if checkpoint is not None else _new_run_dir(accelerator, cfg)
-            if accelerator.is_main_process:
-                run_dir.mkdir(parents=True, exist_ok=True)
-                logs.add_file(run_dir / LOG_FILE)
-            accelerator.wait_for_everyone()
+            # Built before the run folder is claimed: model, optimizer, schedule and evaluation data that
+            # cannot be set up fail here, with nothing written.
+            trainer = Trainer(cfg, accelerator, run_dir, loader)
+            claim = _claim_on_main(accelerator, run_dir, new=checkpoint is None)
+            logs.add_file(run_dir / LOG_FILE)
             # Log lines go around the progress bar instead of through it.
             with logging_redirect_tqdm(loggers=[logs.logger]):
-                Trainer(cfg, accelerator, run_dir, loader).run(checkpoint)
+                trainer.run(checkpoint)
+    except BaseException:
+        if claim is not None:
+            claim.discard_unused()  # a start that failed before its first checkpoint leaves no folder
+        raise
     finally:
+        if claim is not None:
+            claim.release()
         accelerator.end_training()
         if cfg.logging.wandb and accelerator.is_main_process:
             finish_wandb()

@@ -166,12 +166,13 @@ def _file_listing(accelerator: Accelerator, folder: Path) -> dict[str, dict[str,
     the files shared out among the ranks; the complete listing on the main process."""
     names = [str(p.relative_to(folder)) for p in sorted(folder.rglob("*")) if p.is_file()]
     mine = names[accelerator.process_index::accelerator.num_processes]
-    hashes = {name: _sha256(folder / name) for name in mine}
+    listing = {name: {"size": (folder / name).stat().st_size, "sha256": _sha256(folder / name)}
+               for name in mine}
     if accelerator.num_processes > 1:
         from accelerate.utils import gather_object
 
-        hashes = {k: v for part in gather_object([hashes]) for k, v in part.items()}
-    return {name: {"size": (folder / name).stat().st_size, "sha256": hashes[name]} for name in names}
+        listing = {k: v for part in gather_object([listing]) for k, v in part.items()}
+    return {name: listing[name] for name in names}
 
 
 def _point_link(link: Path, target_name: str) -> None:

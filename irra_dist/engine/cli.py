@@ -20,6 +20,8 @@ DEFAULT_RECIPE = "demo"
 
 EXIT_BAD_INPUT = 2
 EXIT_DIVERGED = 1
+EXIT_INTERRUPTED = 130
+"""128 + SIGINT, what a shell reports for a command stopped by Ctrl-C."""
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
@@ -41,6 +43,63 @@ def _is_first_process() -> bool:
 def _report(message: str) -> None:
     if _is_first_process():
         print(f"error: {message}", file=sys.stderr)
+    _tell_launcher(f"error: {message}")
+
+
+def _tell_launcher(message: str) -> None:
+    """Under ``accelerate launch`` (torch elastic), put the one line into this worker's error file, so that
+    the launcher's failure summary shows it instead of "To enable traceback see ..."."""
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if not path:
+        return
+    import time
+
+    try:
+        atomic_write_text(path, json.dumps({"message": message, "timestamp": int(time.time())}))
+    except OSError:
+        pass  # the summary then falls back to its generic text; the line was printed already
+
+
+def resume_command(run_dir: Path) -> str:
+    """The command line that continues `run_dir` the way this training was started (``accelerate launch``
+    with its options, ``python launch/train.py`` or ``irra-train``), for the message printed at Ctrl-C."""
+    import shlex
+
+    script = os.path.abspath(sys.argv[0])
+    prefix = [sys.executable, script] if script.endswith(".py") else [script]
+    launcher = _launcher_argv()
+    if launcher:
+        # e.g. [python, .../accelerate, launch, --config_file, X, launch/train.py, overrides...]
+        for i, arg in enumerate(launcher):
+            if os.path.abspath(arg) == script:
+                start = 1 if launcher[0].rsplit("/", 1)[-1].startswith("python") else 0
+                prefix = launcher[start:i + 1]
+                break
+    return shlex.join([*prefix, "--resume", str(run_dir)])
+
+
+def _launcher_argv() -> list[str]:
+    """The parent's command line when it is ``accelerate launch`` (Linux /proc), else []."""
+    if "LOCAL_RANK" not in os.environ and "ACCELERATE_MIXED_PRECISION" not in os.environ:
+        return []
+    try:
+        raw = Path(f"/proc/{os.getppid()}/cmdline").read_bytes()
+    except OSError:
+        return []
+    argv = [a.decode(errors="replace") for a in raw.split(b"\0") if a]
+    return argv if any(a.rsplit("/", 1)[-1] == "accelerate" for a in argv[:2]) else []
+
+
+def _report_interrupt(run_dir: Path | None, checkpoint: Path | None) -> None:
+    """One paragraph after Ctrl-C: where the run stands and the exact command that continues it."""
+    if not _is_first_process():
+        return
+    if run_dir is None or checkpoint is None:
+        where = f" (run folder {run_dir} removed)" if run_dir is not None and not run_dir.exists() else ""
+        print(f"stopped by Ctrl-C before the first checkpoint: nothing to resume{where}", file=sys.stderr)
+        return
+    print(f"stopped by Ctrl-C; the last checkpoint is kept: {checkpoint}\n"
+          f"continue with: {resume_command(run_dir)}", file=sys.stderr)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -100,16 +159,22 @@ def train_main(argv: Sequence[str] | None = None) -> int:
         overrides.append("logging.wandb=false")
     try:
         cfg, checkpoint = load_train_config(args.config, overrides, resume)
-        from irra_dist.engine.trainer import NonFiniteLossError, train
+        from irra_dist.engine.trainer import NonFiniteLossError, TrainingInterrupted, train
 
         try:
             train(cfg, resume=checkpoint)
         except NonFiniteLossError as err:
             _report(str(err))
             return EXIT_DIVERGED
+        except TrainingInterrupted as stop:
+            _report_interrupt(stop.run_dir, stop.checkpoint)
+            return EXIT_INTERRUPTED
     except _user_errors() as err:
         _report(str(err))
         return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        _report_interrupt(None, None)
+        return EXIT_INTERRUPTED
     return 0
 
 

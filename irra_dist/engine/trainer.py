@@ -35,6 +35,7 @@ from irra_dist.data.shards import MANIFEST_NAME, ShardError
 from irra_dist.distributed import all_reduce_sum, gather_columns
 from irra_dist.engine.accel import build_accelerator
 from irra_dist.engine.checkpointing import (
+    CHECKPOINTS_DIR,
     TrainerState,
     export_weights,
     find_latest_run,
@@ -68,6 +69,16 @@ ACC_NAMES = ("img_acc", "txt_acc", "mlm_acc")
 
 class NonFiniteLossError(RuntimeError):
     """Too many consecutive steps had a non-finite loss; the message says what to change."""
+
+
+class TrainingInterrupted(Exception):
+    """Ctrl-C stopped the run; `checkpoint` is its last complete checkpoint (None: there was none yet, and a
+    new run's folder was removed)."""
+
+    def __init__(self, run_dir: Path | None, checkpoint: Path | None) -> None:
+        super().__init__(f"training of {run_dir} interrupted")
+        self.run_dir = run_dir
+        self.checkpoint = checkpoint
 
 
 # --------------------------------------------------------------------------------------------------
@@ -543,6 +554,14 @@ class Trainer:
             logger.info("retrieval picture: %s", self.examples_png.resolve())
 
 
+def _interrupted(claim: RunFolderClaim | None) -> TrainingInterrupted:
+    """What Ctrl-C leaves: the run folder and its last complete checkpoint (``checkpoints/last``)."""
+    if claim is None:
+        return TrainingInterrupted(None, None)
+    last = claim.run_dir / CHECKPOINTS_DIR / "last"
+    return TrainingInterrupted(claim.run_dir, last.resolve() if last.exists() else None)
+
+
 def train(cfg: Config, *, resume: str | os.PathLike | None = None) -> Path:
     """Train IRRA as `cfg` says, under whatever ``accelerate launch`` started (or a single process).
 
@@ -583,6 +602,10 @@ def train(cfg: Config, *, resume: str | os.PathLike | None = None) -> Path:
             # Log lines go around the progress bar instead of through it.
             with logging_redirect_tqdm(loggers=[logs.logger]):
                 trainer.run(checkpoint)
+    except KeyboardInterrupt:
+        if claim is not None:
+            claim.discard_unused()
+        raise _interrupted(claim) from None
     except BaseException:
         if claim is not None:
             claim.discard_unused()  # a start that failed before its first checkpoint leaves no folder

@@ -183,8 +183,9 @@ class TrainConfig:
     max_nonfinite_steps: int = 10
     """Stop when this many consecutive steps have a non-finite loss."""
     cpu_threads: int = 0
-    """Torch threads per process when running on the CPU; 0: the machine's cores divided among the local
-    processes (overrides the OMP_NUM_THREADS=1 that `accelerate launch` sets by default)."""
+    """Torch threads per process when running on the CPU; 0: the cores free when the run starts (this
+    process's CPU affinity minus the 1-minute load average) divided among the local processes. Overrides the
+    OMP_NUM_THREADS=1 that `accelerate launch` sets by default (docs/TRAINING.md)."""
 
     def __post_init__(self) -> None:
         for name in ("num_epochs", "batch_size", "grad_accum_steps", "log_period"):

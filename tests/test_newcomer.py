@@ -276,3 +276,28 @@ def test_ctrl_c_stops_cleanly_and_prints_the_resume_command(tiny_recipe: Path) -
     verify_checkpoint((run / "checkpoints" / "last").resolve())  # the last checkpoint is complete
     config = yaml.safe_load((run / "config.yaml").read_text())
     assert config["train"]["num_epochs"] == 100  # --resume alone continues with the run's own settings
+
+
+# --------------------------------------------------------------------------------------------------
+# 12. CPU threads follow the cores actually available
+
+
+def test_default_cpu_threads_follow_affinity_and_load(monkeypatch) -> None:
+    from irra_dist.engine.accel import cpu_threads, free_cores
+
+    # hand-computed: usable cores minus the rounded 1-minute load, at least 1
+    assert free_cores(usable=2, load=1.1) == 1  # another job on one of two cores
+    assert free_cores(usable=8, load=2.6) == 5
+    assert free_cores(usable=4, load=9.0) == 1
+    assert free_cores(usable=4, load=0.0) == 4
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    monkeypatch.setattr("os.getloadavg", lambda: (0.0, 0.0, 0.0))
+    original = os.sched_getaffinity(0)
+    try:
+        os.sched_setaffinity(0, {min(original)})  # as `taskset -c 0` or a one-core cpuset would
+        assert cpu_threads(0) == 1  # not os.cpu_count()
+    finally:
+        os.sched_setaffinity(0, original)
+    monkeypatch.setattr("os.getloadavg", lambda: (float(len(original) - 1), 0.0, 0.0))
+    assert cpu_threads(0) == 1  # every core but one busy with other jobs
+    assert cpu_threads(2) == 2  # an explicit setting wins

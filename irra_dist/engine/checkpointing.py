@@ -46,7 +46,7 @@ from safetensors import SafetensorError
 from safetensors.torch import save_file
 from torch import nn
 
-from irra_dist.engine.accel import zero_stage
+from irra_dist.engine.accel import unwrap, zero_stage
 from irra_dist.model import CheckpointError, save_weights_safetensors
 
 logger = logging.getLogger(__name__)
@@ -235,7 +235,7 @@ def export_weights(accelerator: Accelerator, model: nn.Module, path: Path,
 
     All ranks call it (ZeRO-3 gathers the parameters); the main process writes, atomically.
     """
-    unwrapped = accelerator.unwrap_model(model, keep_torch_compile=False)
+    unwrapped = unwrap(accelerator, model)
     with full_parameters(accelerator, unwrapped):
         if accelerator.is_main_process:
             save_weights_safetensors(unwrapped, path, metadata)

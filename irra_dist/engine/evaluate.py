@@ -26,6 +26,7 @@ from torch import nn
 from tqdm import tqdm
 
 from irra_dist.config import Config, ConfigError, EvalConfig
+from irra_dist.engine.accel import unwrap
 from irra_dist.engine.checkpointing import full_parameters, resolve_checkpoint, run_dir_of
 from irra_dist.engine.runlog import BEST_WEIGHTS_FILE, CONFIG_FILE, WEIGHTS_FILE
 from irra_dist.evaluation.metrics import RetrievalInputError, format_metrics_table, retrieval_metrics
@@ -135,7 +136,7 @@ def evaluate_retrieval(accelerator: Accelerator, model: nn.Module, gallery: Any,
     """
     was_training = model.training
     model.eval()
-    unwrapped = accelerator.unwrap_model(model, keep_torch_compile=False)
+    unwrapped = unwrap(accelerator, model)
     height, width = unwrapped.base_model.visual.image_size
     try:
         with full_parameters(accelerator, unwrapped):

@@ -33,7 +33,7 @@ from irra_dist.config import Config, ConfigError, dump_config, save_config
 from irra_dist.data.pipeline import TrainLoader, build_eval_loaders
 from irra_dist.data.shards import MANIFEST_NAME, ShardError
 from irra_dist.distributed import all_reduce_sum, gather_columns
-from irra_dist.engine.accel import build_accelerator
+from irra_dist.engine.accel import build_accelerator, ddp_ignores_buffers
 from irra_dist.engine.checkpointing import (
     CHECKPOINTS_DIR,
     TrainerState,
@@ -292,6 +292,7 @@ class Trainer:
         # The scheduler stays outside prepare(): Accelerate would step it once per process, and DeepSpeed
         # once per optimizer step; it is stepped here, per epoch or per step as the recipe says.
         self.scheduler = build_lr_scheduler(optimizer, cfg.optim, cfg.train.num_epochs, self.steps_per_epoch)
+        ddp_ignores_buffers(model)
         self.model, self.optimizer = accelerator.prepare(model, optimizer)
         self.gallery = self.queries = None
         self.examples: RetrievalExamples | None = None  # built on first use, main process only
@@ -489,7 +490,7 @@ class Trainer:
     def _log_header(self) -> None:
         cfg, acc = self.cfg, self.acc
         logger.info("run folder: %s", self.run_dir)
-        logger.info("config:\n%s", dump_config(cfg))
+        logger.info("%s", config_summary(cfg, self.run_dir / CONFIG_FILE))
         logger.info("Using %d processes (%s, mixed precision %s)", self.world, acc.distributed_type.value,
                     acc.mixed_precision)
         logger.info("global batch: %d per device x %d processes x %d accumulation steps = %d",
@@ -552,6 +553,18 @@ class Trainer:
         logger.info("run folder: %s", self.run_dir.resolve())
         if self.examples_png is not None:
             logger.info("retrieval picture: %s", self.examples_png.resolve())
+
+
+def config_summary(cfg: Config, config_file: Path) -> str:
+    """Three lines on what this run trains, instead of the whole config (in `config_file` and in W&B)."""
+    m, o, t = cfg.model, cfg.optim, cfg.train
+    model = f"CLIP {m.pretrained}" if m.pretrained.lower() != "none" else (
+        f"random-init CLIP ({m.vision_layers}x{m.vision_width} vision, {m.text_layers}x{m.text_width} text)")
+    return (f"recipe {cfg.name}: {model}, input {m.image_size[0]}x{m.image_size[1]}, losses "
+            f"{'+'.join(cfg.loss.names)}; data {cfg.data.shards}\n"
+            f"  {t.num_epochs} epochs, {o.optimizer} lr {o.lr:g} ({o.scheduler}, {o.warmup_epochs} warm-up "
+            f"epochs), precision {t.mixed_precision}, seed {t.seed}\n"
+            f"  full config: {config_file}")
 
 
 def _interrupted(claim: RunFolderClaim | None) -> TrainingInterrupted:

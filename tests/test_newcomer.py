@@ -301,3 +301,41 @@ def test_default_cpu_threads_follow_affinity_and_load(monkeypatch) -> None:
     monkeypatch.setattr("os.getloadavg", lambda: (float(len(original) - 1), 0.0, 0.0))
     assert cpu_threads(0) == 1  # every core but one busy with other jobs
     assert cpu_threads(2) == 2  # an explicit setting wins
+
+
+# --------------------------------------------------------------------------------------------------
+# 8. Search edge cases (the search ones are in test_search.py): text in any script, output_dir a file
+
+
+def test_non_latin_text_and_emoji_are_drawn_as_glyphs_not_boxes() -> None:
+    from PIL import Image, ImageDraw
+
+    from irra_dist.visualize import TextFont, _codepoints, font_chain_files
+
+    font = TextFont(16)
+
+    def bitmap(char: str) -> bytes:
+        image = Image.new("L", (40, 40), 0)
+        font.draw(ImageDraw.Draw(image), (4, 4), char, fill=255)
+        return image.tobytes()
+
+    def covered(char: str) -> bool:
+        return any(ord(char) in (_codepoints(path) or ()) for path in font_chain_files())
+
+    # A missing glyph is drawn as the same empty box for every character: distinct characters must differ.
+    cyrillic = "ЖИЗНЬ"  # DejaVu Sans (Debian fonts-dejavu-core, also in matplotlib) has these
+    assert all(covered(c) for c in cyrillic), "no font with Cyrillic found: install fonts-dejavu-core"
+    assert len({bitmap(c) for c in cyrillic}) == len(cyrillic)
+    for text in ("行人走", "🙂🧥👟"):  # with fonts-noto-cjk / fonts-symbola / fonts-unifont installed
+        drawn = [c for c in text if covered(c)]
+        assert len({bitmap(c) for c in drawn}) == len(drawn)
+        assert all(len(bitmap(c)) == 1600 for c in text)  # characters no font has still draw (a box)
+
+
+def test_output_dir_that_is_a_file_is_one_line(tiny_recipe: Path, capsys) -> None:
+    not_a_folder = tiny_recipe.parent / "runs.txt"
+    not_a_folder.write_text("a file\n")
+    assert train_main(["--config", str(tiny_recipe), f"train.output_dir={not_a_folder}"]) == 2
+    line = _one_error_line(capsys.readouterr().err)
+    assert "train.output_dir" in line and str(not_a_folder) in line
+    assert not_a_folder.read_text() == "a file\n"

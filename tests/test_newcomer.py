@@ -339,3 +339,4 @@ def test_output_dir_that_is_a_file_is_one_line(tiny_recipe: Path, capsys) -> Non
     line = _one_error_line(capsys.readouterr().err)
     assert "train.output_dir" in line and str(not_a_folder) in line
     assert not_a_folder.read_text() == "a file\n"
+

@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime
 import logging
 import os
+import warnings
 from typing import Any
 
 import torch
@@ -69,6 +70,13 @@ def build_accelerator(cfg: Config, *, log_with: str | None = None) -> Accelerato
         ConfigError: a DeepSpeed JSON value that contradicts the recipe.
     """
     cuda = torch.cuda.is_available()
+    check_process_count(cuda)
+    if deepspeed_requested():
+        locate_deepspeed_json()
+        # DeepSpeed's ZeRO collectives call torch.distributed functions that torch deprecates: a warning per
+        # call site and process (~200 lines under ZeRO-3) that a user can do nothing about.
+        warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated",
+                                category=FutureWarning)
     # DDP's buffer broadcast is turned off per model (ddp_ignores_buffers), not with broadcast_buffers.
     handlers: list[Any] = []
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
@@ -93,6 +101,46 @@ def build_accelerator(cfg: Config, *, log_with: str | None = None) -> Accelerato
     else:
         torch.set_num_threads(cpu_threads(cfg.train.cpu_threads))
     return accelerator
+
+
+def locate_deepspeed_json() -> None:
+    """Let ``accelerate launch --config_file accelerate_configs/deepspeed_zero*.yaml`` run from anywhere.
+
+    The YAML names its JSON relative to the repository root; from another directory Accelerate fails with a
+    traceback. A relative path that does not exist here but does under the repository is made absolute.
+    """
+    from irra_dist.config import RECIPES_DIR
+
+    name = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE", "")
+    if not name or name == "none" or os.path.isabs(name) or os.path.exists(name):
+        return
+    in_repo = RECIPES_DIR.parent / name
+    if in_repo.is_file():
+        os.environ["ACCELERATE_DEEPSPEED_CONFIG_FILE"] = str(in_repo)
+    else:
+        raise ConfigError(f"the DeepSpeed config {name} named by the accelerate config does not exist "
+                          f"(looked in {os.getcwd()} and {RECIPES_DIR.parent}): give its absolute path")
+
+
+def check_process_count(cuda: bool) -> None:
+    """Refuse more processes per machine than GPUs, before any process group exists.
+
+    The launcher configs (accelerate_configs/*.yaml) name a process count for an 8-GPU machine; on a machine
+    with fewer GPUs the extra processes would share GPUs (or fail) instead of saying what to pass. On the CPU
+    any count runs, but more processes than usable cores only slows every one of them down.
+
+    Raises:
+        ConfigError: more local processes than GPUs (one line with the ``--num_processes`` to pass).
+    """
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    if cuda:
+        gpus = torch.cuda.device_count()
+        if local > gpus:
+            raise ConfigError(f"accelerate launch started {local} processes on this machine but it has "
+                              f"{gpus} GPU(s): pass --num_processes {gpus} to accelerate launch")
+    elif local > usable_cores() and int(os.environ.get("LOCAL_RANK", "0")) == 0:
+        logger.warning("%d processes share %d usable CPU cores: pass --num_processes %d (or fewer) to "
+                       "accelerate launch for a faster run", local, usable_cores(), usable_cores())
 
 
 def cpu_threads(setting: int) -> int:

@@ -298,6 +298,7 @@ class Trainer:
         self.examples: RetrievalExamples | None = None  # built on first use, main process only
         self.examples_png: Path | None = None
         self.last_metrics: dict | None = None
+        self.completed = False
         if cfg.eval.eval_period > 0:
             self.gallery, self.queries = build_eval_loaders(
                 cfg.data.shards, cfg.eval.split, rank=accelerator.process_index, world_size=self.world,
@@ -491,8 +492,9 @@ class Trainer:
         cfg, acc = self.cfg, self.acc
         logger.info("run folder: %s", self.run_dir)
         logger.info("%s", config_summary(cfg, self.run_dir / CONFIG_FILE))
-        logger.info("Using %d processes (%s, mixed precision %s)", self.world, acc.distributed_type.value,
-                    acc.mixed_precision)
+        threads = f", {torch.get_num_threads()} CPU threads each" if self.device.type == "cpu" else ""
+        logger.info("Using %d processes (%s, mixed precision %s%s)", self.world, acc.distributed_type.value,
+                    acc.mixed_precision, threads)
         logger.info("global batch: %d per device x %d processes x %d accumulation steps = %d",
                     cfg.train.batch_size, self.world, self.accum,
                     cfg.train.batch_size * self.world * self.accum)
@@ -543,7 +545,7 @@ class Trainer:
             logger.info("training complete: %d epochs, %d steps, %d non-finite steps skipped; best R1 %.3f "
                         "at epoch %d", cfg.train.num_epochs, self.state.step, self.state.nonfinite_steps,
                         self.state.best_r1, self.state.best_epoch)
-            self._log_summary()
+            self.completed = True  # train() prints the summary once W&B has said its last words
 
     def _log_summary(self) -> None:
         """The last lines a user reads: final metrics, where the run is, and a picture to open."""
@@ -565,6 +567,14 @@ def config_summary(cfg: Config, config_file: Path) -> str:
             f"  {t.num_epochs} epochs, {o.optimizer} lr {o.lr:g} ({o.scheduler}, {o.warmup_epochs} warm-up "
             f"epochs), precision {t.mixed_precision}, seed {t.seed}\n"
             f"  full config: {config_file}")
+
+
+def _end_tracking(accelerator: Accelerator, cfg: Config) -> bool:
+    """Finish the trackers (W&B writes or uploads everything and prints its closing lines); True."""
+    accelerator.end_training()
+    if cfg.logging.wandb and accelerator.is_main_process:
+        finish_wandb()
+    return True
 
 
 def _interrupted(claim: RunFolderClaim | None) -> TrainingInterrupted:
@@ -595,6 +605,7 @@ def train(cfg: Config, *, resume: str | os.PathLike | None = None) -> Path:
     cfg = absolute_locations(cfg)  # the run works from any directory (docs/TRAINING.md)
     accelerator = build_accelerator(cfg, log_with="wandb" if cfg.logging.wandb else None)
     claim: RunFolderClaim | None = None
+    tracking_ended = False
     try:
         with run_logging(is_main=accelerator.is_main_process, rank=accelerator.process_index) as logs:
             ensure_shards(accelerator, cfg)
@@ -615,6 +626,9 @@ def train(cfg: Config, *, resume: str | os.PathLike | None = None) -> Path:
             # Log lines go around the progress bar instead of through it.
             with logging_redirect_tqdm(loggers=[logs.logger]):
                 trainer.run(checkpoint)
+            tracking_ended = _end_tracking(accelerator, cfg)
+            if trainer.completed:
+                trainer._log_summary()  # the last lines a user reads, after W&B's own
     except KeyboardInterrupt:
         if claim is not None:
             claim.discard_unused()
@@ -626,9 +640,8 @@ def train(cfg: Config, *, resume: str | os.PathLike | None = None) -> Path:
     finally:
         if claim is not None:
             claim.release()
-        accelerator.end_training()
-        if cfg.logging.wandb and accelerator.is_main_process:
-            finish_wandb()
+        if not tracking_ended:
+            _end_tracking(accelerator, cfg)
         # ZeRO-3 processes abort at exit unless the group is torn down explicitly.
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()

@@ -340,3 +340,36 @@ def test_output_dir_that_is_a_file_is_one_line(tiny_recipe: Path, capsys) -> Non
     assert "train.output_dir" in line and str(not_a_folder) in line
     assert not_a_folder.read_text() == "a file\n"
 
+
+
+# --------------------------------------------------------------------------------------------------
+# 11. The DeepSpeed launcher configs: process count against the machine, usable from any directory
+
+
+def test_more_processes_than_the_machine_has_is_refused_or_warned(monkeypatch, caplog) -> None:
+    from irra_dist.config import ConfigError
+    from irra_dist.engine.accel import check_process_count
+
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")  # what deepspeed_zero{2,3}.yaml start unless told otherwise
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1})
+    check_process_count(cuda=False)  # runs on the CPU, but says what to pass
+    assert any("8 processes share 2 usable CPU cores: pass --num_processes 2" in r.getMessage()
+               for r in caplog.records)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)  # no GPU here: the count a 4-GPU machine has
+    with pytest.raises(ConfigError, match="8 processes on this machine but it has 4 GPU.*--num_processes 4"):
+        check_process_count(cuda=True)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    check_process_count(cuda=True)
+
+
+def test_deepspeed_json_of_the_launcher_config_is_found_from_another_directory(tmp_path: Path,
+                                                                                 monkeypatch) -> None:
+    from irra_dist.engine.accel import locate_deepspeed_json
+
+    accelerate_config = yaml.safe_load((REPO / "accelerate_configs/deepspeed_zero3.yaml").read_text())
+    relative = accelerate_config["deepspeed_config"]["deepspeed_config_file"]
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_CONFIG_FILE", relative)  # as accelerate launch exports it
+    locate_deepspeed_json()
+    assert Path(os.environ["ACCELERATE_DEEPSPEED_CONFIG_FILE"]) == REPO / relative

@@ -11,6 +11,7 @@ busy job runs for a while before the first training, so that the load average se
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -49,6 +50,7 @@ def run(quick: bool) -> list[dict]:
     warmup, steps = (1, 3) if quick else (2, 20)
     global_batch = QUICK_GLOBAL_BATCH if quick else load_config(resolve_recipe("demo")).train.batch_size
     cores = usable_cores()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a killed bench still stops its busy job
     busy = subprocess.Popen([sys.executable, "-c", BUSY_LOOP], start_new_session=True)
     try:
         with tempfile.TemporaryDirectory() as tmp:

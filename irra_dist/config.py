@@ -186,8 +186,12 @@ class TrainConfig:
     """Torch threads per process when running on the CPU; 0: the cores free when the run starts (this
     process's CPU affinity minus the 1-minute load average) divided among the local processes. Overrides the
     OMP_NUM_THREADS=1 that `accelerate launch` sets by default (docs/TRAINING.md)."""
+    peer_failure_timeout_s: float = 5.0
+    """With several processes: when one fails, every other one stops within about this many seconds (how
+    often each looks for a failure in the launcher's store; docs/TRAINING.md, "When a rank fails")."""
 
     def __post_init__(self) -> None:
+        _require(self.peer_failure_timeout_s > 0, "train.peer_failure_timeout_s", "a number of seconds > 0")
         for name in ("num_epochs", "batch_size", "grad_accum_steps", "log_period"):
             _require(getattr(self, name) >= 1, f"train.{name}", "an integer >= 1")
         for name in ("checkpoint_every_steps", "max_steps"):

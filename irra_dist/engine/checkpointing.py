@@ -42,6 +42,7 @@ from typing import Any
 import numpy as np
 import torch
 from accelerate import Accelerator
+from accelerate.utils import DistributedType
 from safetensors import SafetensorError
 from safetensors.torch import save_file
 from torch import nn
@@ -229,16 +230,39 @@ def save_checkpoint(accelerator: Accelerator, run_dir: Path, state: TrainerState
     return final
 
 
+def fp32_master_weights(accelerator: Accelerator, module: nn.Module) -> dict[int, torch.Tensor] | None:
+    """The optimizer's fp32 copy of every parameter when DeepSpeed keeps the module in fp16/bf16, by
+    ``id(parameter)``; None otherwise (the module's own weights are then the fp32 ones). All ranks call it
+    (the copies are partitioned across ranks under ZeRO)."""
+    if accelerator.distributed_type != DistributedType.DEEPSPEED:
+        return None
+    params = list(module.parameters())
+    if not params or params[0].dtype not in (torch.float16, torch.bfloat16):
+        return None
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    masters = {id(p): safe_get_full_fp32_param(p) for p in params}
+    return None if any(m is None for m in masters.values()) else masters
+
+
 def export_weights(accelerator: Accelerator, model: nn.Module, path: Path,
                    metadata: dict[str, str] | None = None) -> None:
-    """Write the model's weights as ``path`` (safetensors, official key names, no ``module.``).
+    """Write the model's weights as ``path`` (safetensors, official key names, no ``module.``), in fp32.
 
-    All ranks call it (ZeRO-3 gathers the parameters); the main process writes, atomically.
+    Under DeepSpeed with fp16/bf16 the module itself holds half-precision weights; the file gets the
+    optimizer's fp32 master weights instead. All ranks call it (ZeRO gathers the parameters and their
+    masters); the main process writes, atomically.
     """
     unwrapped = unwrap(accelerator, model)
+    masters = fp32_master_weights(accelerator, unwrapped)
     with full_parameters(accelerator, unwrapped):
         if accelerator.is_main_process:
-            save_weights_safetensors(unwrapped, path, metadata)
+            params = dict(unwrapped.named_parameters(remove_duplicate=False))
+            state = {key: masters[id(params[key])] if masters is not None and key in params else value
+                     for key, value in unwrapped.state_dict().items()}
+            state = {key: value.float() if value.is_floating_point() else value
+                     for key, value in state.items()}
+            save_weights_safetensors(unwrapped, path, metadata, state_dict=state)
     accelerator.wait_for_everyone()
 
 

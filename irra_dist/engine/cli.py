@@ -10,6 +10,7 @@ import argparse
 import json
 import os
 import sys
+import traceback
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -28,12 +29,13 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     """Exception types that mean bad input (reported in one line), imported lazily with the heavy modules."""
     from irra_dist.data.parsers import DatasetError, DatasetNotFoundError
     from irra_dist.data.shards import ShardError
+    from irra_dist.distributed import TorchTooOldError
     from irra_dist.evaluation.metrics import RetrievalInputError
     from irra_dist.model import CheckpointError
     from irra_dist.optim import OptimSetupError
 
     return (ConfigError, CheckpointError, ShardError, DatasetError, DatasetNotFoundError, RetrievalInputError,
-            OptimSetupError)
+            OptimSetupError, TorchTooOldError)
 
 
 def _is_first_process() -> bool:
@@ -41,7 +43,9 @@ def _is_first_process() -> bool:
 
 
 def _report(message: str) -> None:
-    if _is_first_process():
+    from irra_dist.engine.failures import should_report
+
+    if should_report():  # rank 0, or the rank whose failure stopped a multi-process run
         print(f"error: {message}", file=sys.stderr)
     _tell_launcher(f"error: {message}")
 
@@ -165,17 +169,34 @@ def train_main(argv: Sequence[str] | None = None) -> int:
             train(cfg, resume=checkpoint)
         except NonFiniteLossError as err:
             _report(str(err))
-            return EXIT_DIVERGED
+            return _leave(EXIT_DIVERGED)
         except TrainingInterrupted as stop:
             _report_interrupt(stop.run_dir, stop.checkpoint)
-            return EXIT_INTERRUPTED
+            return _leave(EXIT_INTERRUPTED)
     except _user_errors() as err:
         _report(str(err))
-        return EXIT_BAD_INPUT
+        return _leave(EXIT_BAD_INPUT)
     except KeyboardInterrupt:
         _report_interrupt(None, None)
-        return EXIT_INTERRUPTED
+        return _leave(EXIT_INTERRUPTED)
+    except Exception as err:  # noqa: BLE001 - unexpected: a traceback, from one rank only
+        from irra_dist.engine.failures import PeerFailure, launched_world, should_report
+
+        if launched_world() < 2:
+            raise
+        if not isinstance(err, PeerFailure) and should_report():
+            traceback.print_exc()
+        return _leave(EXIT_DIVERGED)
     return 0
+
+
+def _leave(code: int) -> int:
+    """`code`; after a failure in a multi-process run, exit at once instead (see engine/failures.py)."""
+    from irra_dist.engine.failures import exit_now, launched_world
+
+    if launched_world() > 1:
+        exit_now(code)
+    return code
 
 
 # --------------------------------------------------------------------------------------------------

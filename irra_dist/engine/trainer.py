@@ -32,7 +32,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from irra_dist.config import Config, ConfigError, dump_config, save_config
 from irra_dist.data.pipeline import TrainLoader, build_eval_loaders
 from irra_dist.data.shards import MANIFEST_NAME, ShardError
-from irra_dist.distributed import all_reduce_sum, gather_columns
+from irra_dist.distributed import all_reduce_sum, gather_columns, require_differentiable_gather
 from irra_dist.engine.accel import build_accelerator, ddp_ignores_buffers
 from irra_dist.engine.checkpointing import (
     CHECKPOINTS_DIR,
@@ -45,6 +45,7 @@ from irra_dist.engine.checkpointing import (
     save_checkpoint,
 )
 from irra_dist.engine.evaluate import evaluate_retrieval, flat_metrics, show_progress
+from irra_dist.engine.failures import PeerFailure, PeerFailureWatch, announce, inject_failure
 from irra_dist.engine.runfolder import RunFolderClaim, absolute_locations, claim_run_folder
 from irra_dist.engine.runlog import (
     BEST_WEIGHTS_FILE,
@@ -278,6 +279,8 @@ class Trainer:
         self.exchange = _HostExchange()
         self.state = TrainerState()
         self.consecutive_nonfinite = 0
+        self.discard_group = False
+        """A micro-batch of the current accumulation group had a non-finite loss: the group trains nothing."""
         self.is_deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
 
         num_classes = loader.num_train_ids if "id" in self.names else 0
@@ -336,7 +339,15 @@ class Trainer:
 
     def _micro_step(self, batch: dict[str, Any], group_size: int, stats: tuple[_Stats, ...],
                     where: str) -> None:
-        """Forward, global-batch losses, and backward (or a skip when the loss is not finite anywhere)."""
+        """Forward, global-batch losses, and backward (or a skip when the loss is not finite anywhere).
+
+        A non-finite loss discards its whole accumulation group: the gradients its earlier micro-batches
+        accumulated are dropped and its later micro-batches are skipped (every rank agrees, so DDP's
+        gradient all-reduce is skipped on all of them alike).
+        """
+        inject_failure("train")
+        if self.discard_group:
+            return
         rows = int(batch["pids"].shape[0])
         masked = int((batch["mlm_labels"] != 0).sum()) if "mlm_labels" in batch else 0
         counts = self.exchange.gather([rows, masked])
@@ -358,6 +369,11 @@ class Trainer:
         if bad:
             self.state.nonfinite_steps += 1
             self.consecutive_nonfinite += 1
+            if self.accum > 1:
+                self.discard_group = True
+                if not self.is_deepspeed:
+                    # Not optimizer.zero_grad(): Accelerate skips it before the last micro-batch of a group.
+                    self.model.zero_grad(set_to_none=True)
             logger.warning("non-finite loss at %s: step skipped (%d in a row)", where,
                            self.consecutive_nonfinite)
             if self.consecutive_nonfinite >= self.cfg.train.max_nonfinite_steps:
@@ -463,6 +479,7 @@ class Trainer:
             done_batches += 1
             if not self.acc.sync_gradients:
                 continue
+            self.discard_group = False
             self.state.step += 1
             self.state.batch_in_epoch = b + 1
             if cfg.optim.step_per == "step":
@@ -570,8 +587,13 @@ def config_summary(cfg: Config, config_file: Path) -> str:
 
 
 def _end_tracking(accelerator: Accelerator, cfg: Config) -> bool:
-    """Finish the trackers (W&B writes or uploads everything and prints its closing lines); True."""
-    accelerator.end_training()
+    """Finish the trackers (W&B writes or uploads everything and prints its closing lines); True.
+
+    Not ``accelerator.end_training()``: that also destroys the process group, which the teardown in
+    :func:`train` still needs for its barrier.
+    """
+    for tracker in accelerator.trackers:
+        tracker.finish()
     if cfg.logging.wandb and accelerator.is_main_process:
         finish_wandb()
     return True
@@ -600,14 +622,17 @@ def train(cfg: Config, *, resume: str | os.PathLike | None = None) -> Path:
     Raises:
         ConfigError, CheckpointError, ShardError: bad input (one-line messages).
         NonFiniteLossError: too many consecutive non-finite losses.
+        PeerFailure: another rank failed first (this rank's own error is not worth reporting).
     """
     checkpoint = resolve_resume(cfg, resume)
     cfg = absolute_locations(cfg)  # the run works from any directory (docs/TRAINING.md)
+    require_differentiable_gather()
     accelerator = build_accelerator(cfg, log_with="wandb" if cfg.logging.wandb else None)
     claim: RunFolderClaim | None = None
-    tracking_ended = False
+    failed = completed = tracking_ended = False
     try:
-        with run_logging(is_main=accelerator.is_main_process, rank=accelerator.process_index) as logs:
+        with PeerFailureWatch(cfg.train.peer_failure_timeout_s), \
+                run_logging(is_main=accelerator.is_main_process, rank=accelerator.process_index) as logs:
             ensure_shards(accelerator, cfg)
             # Built before the run folder, so that bad data leaves no empty run behind.
             loader = TrainLoader(
@@ -626,6 +651,7 @@ def train(cfg: Config, *, resume: str | os.PathLike | None = None) -> Path:
             # Log lines go around the progress bar instead of through it.
             with logging_redirect_tqdm(loggers=[logs.logger]):
                 trainer.run(checkpoint)
+            completed = True
             tracking_ended = _end_tracking(accelerator, cfg)
             if trainer.completed:
                 trainer._log_summary()  # the last lines a user reads, after W&B's own
@@ -633,17 +659,34 @@ def train(cfg: Config, *, resume: str | os.PathLike | None = None) -> Path:
         if claim is not None:
             claim.discard_unused()
         raise _interrupted(claim) from None
-    except BaseException:
+    except Exception as err:
+        failed = True
         if claim is not None:
             claim.discard_unused()  # a start that failed before its first checkpoint leaves no folder
+        # Told before any teardown, so that the other ranks stop instead of waiting in a collective.
+        if not announce(f"{type(err).__name__}: {err}"):
+            raise PeerFailure(f"rank {accelerator.process_index} stopped after another rank failed") from None
+        raise
+    except BaseException:
+        if claim is not None:
+            claim.discard_unused()
         raise
     finally:
         if claim is not None:
             claim.release()
-        if not tracking_ended:
-            _end_tracking(accelerator, cfg)
-        # ZeRO-3 processes abort at exit unless the group is torn down explicitly.
-        if dist.is_available() and dist.is_initialized():
-            dist.destroy_process_group()
+        if failed and accelerator.num_processes > 1:
+            # No collective teardown: the other ranks are gone or about to be (the caller exits at once).
+            if cfg.logging.wandb and accelerator.is_main_process and not tracking_ended:
+                finish_wandb()
+        else:
+            if completed and accelerator.num_processes > 1:
+                # Every rank has stopped watching the store before any rank tears it down.
+                accelerator.wait_for_everyone()
+            if not tracking_ended:
+                _end_tracking(accelerator, cfg)
+            accelerator.state.destroy_process_group()  # what end_training does besides the trackers
+            # ZeRO-3 processes abort at exit unless the group is torn down explicitly.
+            if dist.is_available() and dist.is_initialized():
+                dist.destroy_process_group()
     return run_dir
 

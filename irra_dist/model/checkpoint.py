@@ -179,16 +179,20 @@ def _model_metadata(model: nn.Module) -> dict[str, str]:
 
 
 def save_weights_safetensors(model: nn.Module, path: str | os.PathLike,
-                             metadata: Mapping[str, str] | None = None) -> None:
+                             metadata: Mapping[str, str] | None = None,
+                             state_dict: Mapping[str, torch.Tensor] | None = None) -> None:
     """Write the weights as safetensors with the official key names, atomically.
 
     The image size, stride and temperature go into the file's metadata, so :func:`load_irra_weights`
     rebuilds the model without further arguments; ``metadata`` adds entries (e.g. the run config as YAML).
+    ``state_dict`` replaces the model's own tensors (e.g. fp32 master weights of a half-precision model).
     """
     from safetensors.torch import save_file
 
+    tensors = model.state_dict() if state_dict is None else state_dict
+    plain = {k: v.detach().cpu().contiguous() for k, v in _strip_module_prefix(dict(tensors)).items()}
     # safetensors refuses tensors that share storage; clone the (few) that do.
-    state_dict = {k: v.clone() for k, v in _plain_state_dict(model).items()}
+    state_dict = {k: v.clone() for k, v in plain.items()}
     meta = {**_model_metadata(model), **(metadata or {})}
     atomic_write(Path(path), lambda tmp: save_file(state_dict, tmp, metadata=meta))
 

@@ -179,12 +179,12 @@ def test_bad_input_under_accelerate_launch_names_the_fix_in_the_launcher_summary
     done = launch("cpu_2proc.yaml", "train.py", ["--config", str(tiny_recipe), "optim.warmup_epochs=3"],
                   timeout=600)
     output = done.stdout + done.stderr
-    assert done.returncode != 0
+    assert done.returncode != 0, output[-3000:]
     ours = [line for line in output.splitlines() if line.startswith("error: ")]
     assert len(ours) == 1 and "optim.warmup_epochs=0" in ours[0], output[-3000:]
     # torch elastic's failure table quotes the line instead of "To enable traceback see ..."
-    assert "traceback : error: optim.warmup_epochs=3" in output
-    assert "To enable traceback" not in output
+    assert "traceback : error: optim.warmup_epochs=3" in output, output[-3000:]
+    assert "To enable traceback" not in output, output[-3000:]
     assert not (tiny_recipe.parent / "runs").exists()
 
 

@@ -21,6 +21,8 @@ DEFAULT_RECIPE = "demo"
 
 EXIT_BAD_INPUT = 2
 EXIT_DIVERGED = 1
+REPORT_GRACE_S = 3.0
+"""How long the other processes wait after a bad-input error, so that the reporting one prints it."""
 EXIT_INTERRUPTED = 130
 """128 + SIGINT, what a shell reports for a command stopped by Ctrl-C."""
 
@@ -48,6 +50,11 @@ def _report(message: str) -> None:
     if should_report():  # rank 0, or the rank whose failure stopped a multi-process run
         print(f"error: {message}", file=sys.stderr)
     _tell_launcher(f"error: {message}")
+    if not should_report() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # The launcher stops every process once one exits: let the reporting one print the line first.
+        import time
+
+        time.sleep(REPORT_GRACE_S)
 
 
 def _tell_launcher(message: str) -> None:

@@ -91,7 +91,10 @@ class DataConfig:
     mask_global_text: bool = True
     """Feed the masked caption to SDM/ID too, as the official code does through an aliasing bug."""
     build_demo_if_missing: bool = False
-    """Generate the synthetic demo dataset and its shards when `shards` has no manifest."""
+    """Generate the synthetic demo dataset and its shards at `shards` when it has no manifest."""
+    demo_shards: str = ""
+    """The demo's own data location: when `shards` is this folder and has no manifest, the synthetic demo
+    dataset is generated there (a mistyped `shards` elsewhere is an error, not a new dataset)."""
 
     def __post_init__(self) -> None:
         _require(self.num_workers >= 0, "data.num_workers", "an integer >= 0")
@@ -183,8 +186,9 @@ class TrainConfig:
     max_nonfinite_steps: int = 10
     """Stop when this many consecutive steps have a non-finite loss."""
     cpu_threads: int = 0
-    """Torch threads per process when running on the CPU; 0: the machine's cores divided among the local
-    processes (overrides the OMP_NUM_THREADS=1 that `accelerate launch` sets by default)."""
+    """Torch threads per process when running on the CPU; 0: the cores free when the run starts (this
+    process's CPU affinity minus the 1-minute load average) divided among the local processes. Overrides the
+    OMP_NUM_THREADS=1 that `accelerate launch` sets by default (docs/TRAINING.md)."""
     peer_failure_timeout_s: float = 5.0
     """With several processes: when one fails, every other one stops within about this many seconds (how
     often each looks for a failure in the launcher's store; docs/TRAINING.md, "When a rank fails")."""
@@ -263,6 +267,12 @@ class Config:
         if "mlm" in self.loss.names and not self.data.mlm:
             raise ConfigError("loss.names contains 'mlm' but data.mlm is false: set data.mlm=true "
                               "or drop mlm from loss.names")
+        if self.optim.scheduler == "cosine" and self.optim.warmup_epochs >= self.train.num_epochs:
+            # Checked here, when the config is read, so that it fails before any process or folder exists.
+            raise ConfigError(f"optim.warmup_epochs={self.optim.warmup_epochs} leaves no epoch for the "
+                              f"cosine schedule with train.num_epochs={self.train.num_epochs}: set "
+                              f"optim.warmup_epochs={max(self.train.num_epochs - 1, 0)} or lower, or raise "
+                              "train.num_epochs")
 
     def to_dict(self) -> dict[str, Any]:
         return _to_plain(dataclasses.asdict(self))

@@ -157,8 +157,8 @@ def demo_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
     for limit in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):  # the demo uses every core, as for a user
         env.pop(limit)
     cmd = [str(accelerate), "launch", "--main_process_port", str(free_port()), "launch/train.py",
-           f"data.shards={root / 'shards' / 'demo'}", f"train.output_dir={root / 'runs'}",
-           "train.run_name=demo"]
+           f"data.shards={root / 'shards' / 'demo'}", "data.build_demo_if_missing=true",
+           f"train.output_dir={root / 'runs'}", "train.run_name=demo"]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=1200)
     output = proc.stdout + proc.stderr
     assert proc.returncode == 0, output[-3000:]

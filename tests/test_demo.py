@@ -46,7 +46,8 @@ def test_demo_ends_with_metrics_run_folder_and_picture(demo_run: tuple[Path, str
     assert picture.parent == (run / "retrieval").resolve()
     with Image.open(picture) as image:
         assert image.format == "PNG"
-    # the synthetic dataset and its shards were generated on the way
+    # the synthetic dataset and its shards were generated on the way, and its table printed once (issue 18)
     assert (run.parent.parent / "shards" / "demo" / "manifest.json").is_file()
+    assert output.count("| subset |") == 1
     for name in ("config.yaml", "train_log.txt", "model.safetensors", "best.safetensors"):
         assert (run / name).is_file(), name

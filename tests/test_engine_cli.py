@@ -120,10 +120,25 @@ def test_offline_wandb_run_holds_the_logged_metrics_and_eval_cli_reads_the_run(t
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     monkeypatch.delenv("WANDB_MODE", raising=False)
     monkeypatch.setenv("NETRC", str(tiny_recipe.parent / "no_netrc"))
-    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.delenv("WANDB_SILENT", raising=False)  # as a user has it
+    import wandb
+
+    from irra_dist.engine.trainer import Trainer
+
+    wandb_running_at_summary = []
+    summary = Trainer._log_summary
+    monkeypatch.setattr(Trainer, "_log_summary",
+                        lambda self: (wandb_running_at_summary.append(wandb.run is not None), summary(self)))
     assert train_main(["--config", str(tiny_recipe), "train.run_name=wb", "logging.wandb=true",
                        "logging.wandb_mode=auto", "eval.split=val"]) == 0
     run = tiny_recipe.parent / "runs" / "wb"
+    # What the user read (issue 18): a config summary (the config is in config.yaml), no W&B history
+    # panel, and the run's final table and folder as the last lines: W&B has closed before they print.
+    console = "".join(capsys.readouterr())
+    assert "full config: " in console and "vision_layers:" not in console
+    assert "Run summary" not in console and "Run history" not in console
+    assert wandb_running_at_summary == [False]
+    assert "FutureWarning" not in console and "Setting accelerator to CPU" not in console
     files = glob.glob(str(run / "wandb" / "offline-run-*" / "run-*.wandb"))
     assert len(files) == 1
     history = _wandb_history(Path(files[0]))

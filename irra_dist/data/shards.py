@@ -312,7 +312,8 @@ def build_shards(parsed_or_name: ParsedDataset | str, root: str | os.PathLike | 
     for stale in _our_files(out):
         if stale.name not in listed:
             stale.unlink()
-    logger.info("%s shards complete in %s\n%s", parsed.name, out, parsed.table())
+    # The dataset table was logged when the annotations were parsed; not twice.
+    logger.info("%s shards complete in %s", parsed.name, out)
     return manifest
 
 

@@ -25,9 +25,9 @@ from accelerate.utils import broadcast_object_list
 from torch import nn
 from tqdm import tqdm
 
-from irra_dist.config import Config, ConfigError, EvalConfig, load_config
+from irra_dist.config import Config, ConfigError, EvalConfig
 from irra_dist.distributed import all_reduce_sum
-from irra_dist.engine.accel import zero_stage
+from irra_dist.engine.accel import unwrap, zero_stage
 from irra_dist.engine.checkpointing import full_parameters, resolve_checkpoint, run_dir_of
 from irra_dist.engine.failures import inject_failure
 from irra_dist.engine.runlog import BEST_WEIGHTS_FILE, CONFIG_FILE, WEIGHTS_FILE
@@ -158,7 +158,7 @@ def evaluate_retrieval(accelerator: Accelerator, model: nn.Module, gallery: Any,
     """
     was_training = model.training
     model.eval()
-    unwrapped = accelerator.unwrap_model(model, keep_torch_compile=False)
+    unwrapped = unwrap(accelerator, model)
     height, width = unwrapped.base_model.visual.image_size
     try:
         with full_parameters(accelerator, unwrapped):
@@ -266,21 +266,26 @@ def embedding_precision(setting: str, run_cfg: Config | None) -> str:
 
 
 def export_target(target: str | os.PathLike, out: str | os.PathLike, *, weights: str = "best",
-                  image_size: tuple[int, int] | None = None, stride_size: int | None = None) -> Path:
+                  image_size: tuple[int, int] | None = None, stride_size: int | None = None,
+                  ) -> tuple[Path, str | None]:
     """Write the weights of a run folder, checkpoint folder or weights file as an official ``best.pth``.
 
     Returns:
-        The weights file that was exported.
+        The weights file that was exported, and a note when the official code would build a different
+        architecture from the file (:func:`irra_dist.model.checkpoint.official_loader_mismatch`).
 
     Raises:
         CheckpointError, ConfigError: nothing readable at `target`.
     """
+    from irra_dist.engine.runfolder import load_run_config
     from irra_dist.model import export_official_checkpoint
+    from irra_dist.model.checkpoint import official_loader_mismatch
 
     file, config_file = _weights_of(Path(target), weights)
-    cfg = load_config(config_file) if config_file is not None else None
-    export_official_checkpoint(_load_model(file, cfg, image_size, stride_size), out)
-    return file
+    cfg = load_run_config(config_file.parent) if config_file is not None else None
+    model = _load_model(file, cfg, image_size, stride_size)
+    export_official_checkpoint(model, out)
+    return file, official_loader_mismatch(model)
 
 
 def evaluate_target(target: str | os.PathLike, *, shards: str | os.PathLike | None = None,
@@ -313,9 +318,10 @@ def evaluate_target(target: str | os.PathLike, *, shards: str | os.PathLike | No
     """
     from irra_dist.data.pipeline import build_eval_loaders
     from irra_dist.engine.accel import build_accelerator
+    from irra_dist.engine.runfolder import load_run_config
 
     file, config_file = _weights_of(Path(target), weights)
-    run_cfg = load_config(config_file) if config_file is not None else Config()
+    run_cfg = load_run_config(config_file.parent) if config_file is not None else Config()
     if config_file is not None:
         image_size = image_size or tuple(run_cfg.model.image_size)
         stride_size = stride_size or run_cfg.model.stride_size

@@ -31,9 +31,9 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from irra_dist.config import Config, ConfigError, dump_config, save_config
 from irra_dist.data.pipeline import TrainLoader, build_eval_loaders
-from irra_dist.data.shards import MANIFEST_NAME, load_manifest
+from irra_dist.data.shards import MANIFEST_NAME, ShardError, load_manifest
 from irra_dist.distributed import all_reduce_sum, gather_columns, require_differentiable_gather
-from irra_dist.engine.accel import build_accelerator
+from irra_dist.engine.accel import build_accelerator, ddp_ignores_buffers
 from irra_dist.engine.checkpointing import (
     CHECKPOINTS_DIR,
     TrainerState,
@@ -47,6 +47,7 @@ from irra_dist.engine.checkpointing import (
 from irra_dist.engine.evaluate import evaluate_retrieval, flat_metrics, show_progress
 from irra_dist.engine.failures import PeerFailure, PeerFailureWatch, announce, inject_failure
 from irra_dist.engine.gradcache import build_grad_cache
+from irra_dist.engine.runfolder import RunFolderClaim, absolute_locations, claim_run_folder
 from irra_dist.engine.runlog import (
     BEST_WEIGHTS_FILE,
     CONFIG_FILE,
@@ -72,6 +73,16 @@ ACC_NAMES = ("img_acc", "txt_acc", "mlm_acc")
 
 class NonFiniteLossError(RuntimeError):
     """Too many consecutive steps had a non-finite loss; the message says what to change."""
+
+
+class TrainingInterrupted(Exception):
+    """Ctrl-C stopped the run; `checkpoint` is its last complete checkpoint (None: there was none yet, and a
+    new run's folder was removed)."""
+
+    def __init__(self, run_dir: Path | None, checkpoint: Path | None) -> None:
+        super().__init__(f"training of {run_dir} interrupted")
+        self.run_dir = run_dir
+        self.checkpoint = checkpoint
 
 
 # --------------------------------------------------------------------------------------------------
@@ -103,11 +114,21 @@ def _new_run_dir(accelerator: Accelerator, cfg: Config) -> Path:
     """``output_dir/<run_name or timestamp_name>``, named on the main process so every rank agrees."""
     name = [cfg.train.run_name or f"{datetime.now():%Y%m%d_%H%M%S}_{cfg.name}"]
     name = broadcast_object_list(name)
-    run_dir = Path(cfg.train.output_dir) / name[0]
-    if (run_dir / CONFIG_FILE).exists():
-        raise ConfigError(f"run folder {run_dir} already exists: resume it with --resume {run_dir}, or "
-                          "choose another train.run_name")
-    return run_dir
+    return Path(cfg.train.output_dir) / name[0]
+
+
+def _claim_on_main(accelerator: Accelerator, run_dir: Path, *, new: bool) -> RunFolderClaim:
+    """Claim the run folder on the main process; every rank raises the same ConfigError if that fails."""
+    claim, outcome = RunFolderClaim(run_dir, None, False), [None]
+    if accelerator.is_main_process:
+        try:
+            claim = claim_run_folder(run_dir, new=new)
+        except ConfigError as err:
+            outcome = [str(err)]
+    outcome = broadcast_object_list(outcome)
+    if outcome[0] is not None:
+        raise ConfigError(outcome[0])
+    return claim
 
 
 def build_demo_shards(shards_dir: Path, image_size: tuple[int, int]) -> None:
@@ -129,10 +150,29 @@ def build_demo_shards(shards_dir: Path, image_size: tuple[int, int]) -> None:
                      workers=workers, progress=False)
 
 
+def generates_demo_data(cfg: Config) -> bool:
+    """Whether missing shards at ``data.shards`` are to be generated: asked explicitly, or the folder is the
+    demo recipe's own location (``data.demo_shards``); never at some other, possibly mistyped, path."""
+    if cfg.data.build_demo_if_missing:
+        return True
+    own = cfg.data.demo_shards
+    return bool(own) and os.path.abspath(own) == os.path.abspath(cfg.data.shards)
+
+
 def ensure_shards(accelerator: Accelerator, cfg: Config) -> None:
-    """Build the demo shards on the main process if the recipe asks for it and they are missing."""
+    """Build the demo shards on the main process if the recipe asks for it and they are missing.
+
+    Raises:
+        ShardError: no shards at ``data.shards`` of a demo recipe pointed elsewhere (one line with the fix).
+    """
     shards = Path(cfg.data.shards)
-    if (shards / MANIFEST_NAME).is_file() or not cfg.data.build_demo_if_missing:
+    if (shards / MANIFEST_NAME).is_file():
+        return
+    if not generates_demo_data(cfg):
+        if cfg.data.demo_shards:
+            raise ShardError(f"no {MANIFEST_NAME} in {shards}: check data.shards (the demo generates its "
+                             f"data only at {cfg.data.demo_shards}), or add data.build_demo_if_missing=true "
+                             "to generate the synthetic demo data there")
         return  # a missing set is reported by the loader with a one-line ShardError
     if accelerator.is_main_process:
         logger.info("no shards in %s: generating the synthetic demo dataset and its shards", shards)
@@ -277,6 +317,7 @@ class Trainer:
         # The scheduler stays outside prepare(): Accelerate would step it once per process, and DeepSpeed
         # once per optimizer step; it is stepped here, per epoch or per step as the recipe says.
         self.scheduler = build_lr_scheduler(optimizer, cfg.optim, cfg.train.num_epochs, self.steps_per_epoch)
+        ddp_ignores_buffers(model)
         self.model, self.optimizer = accelerator.prepare(model, optimizer)
         self.grad_cache = build_grad_cache(accelerator, self.model, cfg)
         self.gallery = self.queries = None
@@ -286,6 +327,7 @@ class Trainer:
         self.results: dict[str, dict[str, Any]] = {}
         # split -> (gallery, queries); the selecting split first (evaluation_splits).
         self.eval_sets: dict[str, tuple[Any, Any]] = {}
+        self.completed = False
         if cfg.eval.eval_period > 0:
             manifest = load_manifest(cfg.data.shards, verify="none")
             for split in evaluation_splits(cfg, manifest):
@@ -577,9 +619,10 @@ class Trainer:
     def _log_header(self) -> None:
         cfg, acc = self.cfg, self.acc
         logger.info("run folder: %s", self.run_dir)
-        logger.info("config:\n%s", dump_config(cfg))
-        logger.info("Using %d processes (%s, mixed precision %s)", self.world, acc.distributed_type.value,
-                    acc.mixed_precision)
+        logger.info("%s", config_summary(cfg, self.run_dir / CONFIG_FILE))
+        threads = f", {torch.get_num_threads()} CPU threads each" if self.device.type == "cpu" else ""
+        logger.info("Using %d processes (%s, mixed precision %s%s)", self.world, acc.distributed_type.value,
+                    acc.mixed_precision, threads)
         logger.info("global batch: %d per device x %d processes x %d accumulation steps = %d",
                     cfg.train.batch_size, self.world, self.accum,
                     cfg.train.batch_size * self.world * self.accum)
@@ -642,7 +685,7 @@ class Trainer:
             logger.info("training complete: %d epochs, %d steps, %d non-finite steps skipped; best %s R1 "
                         "%.3f at epoch %d", cfg.train.num_epochs, self.state.step, self.state.nonfinite_steps,
                         cfg.eval.split, self.state.best_r1, self.state.best_epoch)
-            self._log_summary()
+            self.completed = True  # train() prints the summary once W&B has said its last words
 
     def _write_run_row(self) -> None:
         """The first row of metrics.jsonl: what this run is, for irra-report (recipe, dataset, protocol)."""
@@ -670,6 +713,39 @@ class Trainer:
             logger.info("retrieval picture: %s", self.examples_png.resolve())
 
 
+def config_summary(cfg: Config, config_file: Path) -> str:
+    """Three lines on what this run trains, instead of the whole config (in `config_file` and in W&B)."""
+    m, o, t = cfg.model, cfg.optim, cfg.train
+    model = f"CLIP {m.pretrained}" if m.pretrained.lower() != "none" else (
+        f"random-init CLIP ({m.vision_layers}x{m.vision_width} vision, {m.text_layers}x{m.text_width} text)")
+    return (f"recipe {cfg.name}: {model}, input {m.image_size[0]}x{m.image_size[1]}, losses "
+            f"{'+'.join(cfg.loss.names)}; data {cfg.data.shards}\n"
+            f"  {t.num_epochs} epochs, {o.optimizer} lr {o.lr:g} ({o.scheduler}, {o.warmup_epochs} warm-up "
+            f"epochs), precision {t.mixed_precision}, seed {t.seed}\n"
+            f"  full config: {config_file}")
+
+
+def _end_tracking(accelerator: Accelerator, cfg: Config) -> bool:
+    """Finish the trackers (W&B writes or uploads everything and prints its closing lines); True.
+
+    Not ``accelerator.end_training()``: that also destroys the process group, which the teardown in
+    :func:`train` still needs for its barrier.
+    """
+    for tracker in accelerator.trackers:
+        tracker.finish()
+    if cfg.logging.wandb and accelerator.is_main_process:
+        finish_wandb()
+    return True
+
+
+def _interrupted(claim: RunFolderClaim | None) -> TrainingInterrupted:
+    """What Ctrl-C leaves: the run folder and its last complete checkpoint (``checkpoints/last``)."""
+    if claim is None:
+        return TrainingInterrupted(None, None)
+    last = claim.run_dir / CHECKPOINTS_DIR / "last"
+    return TrainingInterrupted(claim.run_dir, last.resolve() if last.exists() else None)
+
+
 def train(cfg: Config, *, resume: str | os.PathLike | None = None) -> Path:
     """Train IRRA as `cfg` says, under whatever ``accelerate launch`` started (or a single process).
 
@@ -688,9 +764,11 @@ def train(cfg: Config, *, resume: str | os.PathLike | None = None) -> Path:
         PeerFailure: another rank failed first (this rank's own error is not worth reporting).
     """
     checkpoint = resolve_resume(cfg, resume)
+    cfg = absolute_locations(cfg)  # the run works from any directory (docs/TRAINING.md)
     require_differentiable_gather()
     accelerator = build_accelerator(cfg, log_with="wandb" if cfg.logging.wandb else None)
-    failed = completed = False
+    claim: RunFolderClaim | None = None
+    failed = completed = tracking_ended = False
     try:
         with PeerFailureWatch(cfg.train.peer_failure_timeout_s), \
                 run_logging(is_main=accelerator.is_main_process, rank=accelerator.process_index) as logs:
@@ -707,32 +785,48 @@ def train(cfg: Config, *, resume: str | os.PathLike | None = None) -> Path:
                 # A missing val split stops here, before the run folder exists.
                 evaluation_splits(cfg, load_manifest(cfg.data.shards, verify="none"))
             run_dir = run_dir_of(checkpoint) if checkpoint is not None else _new_run_dir(accelerator, cfg)
-            if accelerator.is_main_process:
-                run_dir.mkdir(parents=True, exist_ok=True)
-                logs.add_file(run_dir / LOG_FILE)
-            accelerator.wait_for_everyone()
+            # Built before the run folder is claimed: model, optimizer, schedule and evaluation data that
+            # cannot be set up fail here, with nothing written.
+            trainer = Trainer(cfg, accelerator, run_dir, loader)
+            claim = _claim_on_main(accelerator, run_dir, new=checkpoint is None)
+            logs.add_file(run_dir / LOG_FILE)
             # Log lines go around the progress bar instead of through it.
             with logging_redirect_tqdm(loggers=[logs.logger]):
-                Trainer(cfg, accelerator, run_dir, loader).run(checkpoint)
-        completed = True
+                trainer.run(checkpoint)
+            completed = True
+            tracking_ended = _end_tracking(accelerator, cfg)
+            if trainer.completed:
+                trainer._log_summary()  # the last lines a user reads, after W&B's own
+    except KeyboardInterrupt:
+        if claim is not None:
+            claim.discard_unused()
+        raise _interrupted(claim) from None
     except Exception as err:
         failed = True
+        if claim is not None:
+            claim.discard_unused()  # a start that failed before its first checkpoint leaves no folder
         # Told before any teardown, so that the other ranks stop instead of waiting in a collective.
         if not announce(f"{type(err).__name__}: {err}"):
             raise PeerFailure(f"rank {accelerator.process_index} stopped after another rank failed") from None
         raise
+    except BaseException:
+        if claim is not None:
+            claim.discard_unused()
+        raise
     finally:
+        if claim is not None:
+            claim.release()
         if failed and accelerator.num_processes > 1:
             # No collective teardown: the other ranks are gone or about to be (the caller exits at once).
-            if cfg.logging.wandb and accelerator.is_main_process:
+            if cfg.logging.wandb and accelerator.is_main_process and not tracking_ended:
                 finish_wandb()
         else:
             if completed and accelerator.num_processes > 1:
                 # Every rank has stopped watching the store before any rank tears it down.
                 accelerator.wait_for_everyone()
-            accelerator.end_training()
-            if cfg.logging.wandb and accelerator.is_main_process:
-                finish_wandb()
+            if not tracking_ended:
+                _end_tracking(accelerator, cfg)
+            accelerator.state.destroy_process_group()  # what end_training does besides the trackers
             # ZeRO-3 processes abort at exit unless the group is torn down explicitly.
             if dist.is_available() and dist.is_initialized():
                 dist.destroy_process_group()

@@ -39,6 +39,7 @@ def _fabricate(folder: Path, seed: int, *, recipe: str = "fab", split: str = "te
     folder.mkdir(parents=True)
     tracked = ["val"] if split == "test" else []
     save_config(config_from_dict({"name": recipe, "train": {"seed": seed, "num_epochs": 3},
+                                  "optim": {"warmup_epochs": 1},
                                   "eval": {"split": split, "track_splits": tracked}}), folder / "config.yaml")
     head = {"kind": "run", "step": 0, "recipe": recipe, "dataset": "ICFG-PEDES",
             "annotation_sha256": "ab" * 32, "val_from_train": {"num_ids": 300, "rule": "r", "ids": []},

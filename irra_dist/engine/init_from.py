@@ -29,11 +29,11 @@ _IRR_PREFIXES = ("cross_attn.", "cross_modal_transformer.", "ln_pre_t.", "ln_pre
 
 
 def _load_source(source: str, cfg: Config) -> tuple[IRRA, Path]:
-    from irra_dist.config import load_config
     from irra_dist.engine.evaluate import _load_model, _weights_of
+    from irra_dist.engine.runfolder import load_run_config
 
     file, config_file = _weights_of(Path(source).expanduser(), "best")
-    src_cfg = load_config(config_file) if config_file is not None else None
+    src_cfg = load_run_config(config_file.parent) if config_file is not None else None
     model = _load_model(file, src_cfg, tuple(cfg.model.image_size), cfg.model.stride_size)
     return model, file
 

@@ -34,6 +34,9 @@ class ModelConfig:
 
     pretrained: str = "ViT-B/16"
     """OpenAI CLIP name (looked up as ~/.cache/clip/<file>), a checkpoint path, or "none" for random init."""
+    init_from: str = ""
+    """Start from a previous run's model instead of CLIP: a run folder, a checkpoint folder, an irra_dist
+    .safetensors or an official best.pth (pretrain, then fine-tune; see engine/init_from.py)."""
     verify_checksum: bool = False
     """Check the CLIP file's SHA-256 against OpenAI's published value (slow for large files)."""
     image_size: tuple[int, int] = (384, 128)

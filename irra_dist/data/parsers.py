@@ -124,6 +124,9 @@ class ParsedDataset:
     skipped_reasons: list[str] = field(default_factory=list)
     skipped_train_pids: frozenset[int] = frozenset()
     """Train pids of records skipped only because their image file is missing; they remain classes."""
+    identities: str = "given"
+    """"given" (annotated pids) or "per_image" (no pids: each image is its own identity, so an ID
+    classifier would only memorise images and the trainer turns the ID loss off)."""
     val_from_train: dict[str, Any] | None = None
     """Set by :func:`carve_val_identities`: how many training identities became the val split, and which."""
 

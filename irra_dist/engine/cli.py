@@ -216,7 +216,9 @@ def eval_parser() -> argparse.ArgumentParser:
         description="Evaluate text-to-image retrieval of a run folder, a weights file (.safetensors) or an "
                     "official IRRA best.pth on a shard set. Runs under `accelerate launch` too.")
     parser.add_argument("target", help="run folder, checkpoint folder, weights file or official best.pth")
-    parser.add_argument("--shards", default=None, help="shard folder (default: the run's data.shards)")
+    parser.add_argument("--shards", nargs="+", default=None, metavar="DIR",
+                        help="shard folder(s) (default: the run's data.shards); several give a cross-dataset "
+                             "table with one row per set")
     parser.add_argument("--split", default="test", choices=("test", "val"))
     parser.add_argument("--weights", default="best", choices=("best", "last"),
                         help="for a run folder: best.safetensors (if any) or model.safetensors")
@@ -259,10 +261,10 @@ def evaluate_main(argv: Sequence[str] | None = None) -> int:
     if args.export_official:
         return _export_official(args)
     try:
-        from irra_dist.engine.evaluate import evaluate_target
+        from irra_dist.engine.evaluate import evaluate_on_sets
 
-        result = evaluate_target(
-            args.target, shards=args.shards, split=args.split, weights=args.weights,
+        results = evaluate_on_sets(
+            args.target, args.shards, split=args.split, weights=args.weights,
             batch_size=args.batch_size, num_workers=args.num_workers, chunk_size=args.chunk_size,
             i2t=args.i2t, image_size=tuple(args.image_size) if args.image_size else None,
             stride_size=args.stride, precision=args.precision)
@@ -270,11 +272,17 @@ def evaluate_main(argv: Sequence[str] | None = None) -> int:
         _report(str(err))
         return EXIT_BAD_INPUT
     if _is_first_process():
+        from irra_dist.engine.evaluate import format_cross_table
         from irra_dist.evaluation.metrics import format_metrics_table
 
-        print(f"{result['target']} on {result['shards']} ({result['split']} split: {result['num_queries']} "
-              f"queries, {result['num_gallery']} images)")
-        print(format_metrics_table(result["metrics"]))
+        for result in results:
+            print(f"{result['target']} on {result['shards']} ({result['split']} split: "
+                  f"{result['num_queries']} queries, {result['num_gallery']} images)")
+            if len(results) == 1:
+                print(format_metrics_table(result["metrics"]))
+        if len(results) > 1:
+            print(format_cross_table(results))
         if args.out:
-            atomic_write_text(args.out, json.dumps(result, indent=1) + "\n")
+            payload = results[0] if len(results) == 1 else results
+            atomic_write_text(args.out, json.dumps(payload, indent=1) + "\n")
     return 0

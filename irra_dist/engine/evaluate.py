@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import replace
 from pathlib import Path
@@ -289,16 +289,25 @@ def export_target(target: str | os.PathLike, out: str | os.PathLike, *, weights:
 
 
 def evaluate_target(target: str | os.PathLike, *, shards: str | os.PathLike | None = None,
-                    split: str = "test", weights: str = "best", batch_size: int = 256, num_workers: int = 2,
-                    chunk_size: int = 1024, i2t: bool = False, image_size: tuple[int, int] | None = None,
-                    stride_size: int | None = None, precision: str = "auto") -> dict[str, Any]:
-    """Evaluate a run folder, checkpoint folder, weights file or official ``best.pth`` on a shard set.
+                    **kwargs: Any) -> dict[str, Any]:
+    """Evaluate a run folder, checkpoint folder, weights file or official ``best.pth`` on one shard set.
 
-    Works in one process or under ``accelerate launch`` (each process embeds its part).
+    ``shards`` defaults to the run's ``data.shards``; the other arguments are those of
+    :func:`evaluate_on_sets`, whose single result this returns.
+    """
+    return evaluate_on_sets(target, None if shards is None else [shards], **kwargs)[0]
+
+
+def evaluate_on_sets(target: str | os.PathLike, shard_sets: Sequence[str | os.PathLike] | None = None, *,
+                     split: str = "test", weights: str = "best", batch_size: int = 256, num_workers: int = 2,
+                     chunk_size: int = 1024, i2t: bool = False, image_size: tuple[int, int] | None = None,
+                     stride_size: int | None = None, precision: str = "auto") -> list[dict[str, Any]]:
+    """Evaluate one model on the `split` of each shard set (cross-dataset evaluation): the model is loaded
+    once. Works in one process or under ``accelerate launch`` (each process embeds its part).
 
     Args:
         target: what to evaluate (see :func:`_weights_of`).
-        shards: shard folder; default the run's ``data.shards``.
+        shard_sets: shard folders; default the run's ``data.shards``.
         split: ``"test"`` or ``"val"``.
         weights: for a run folder, ``"best"`` (best.safetensors when present) or ``"last"``.
         batch_size: items per batch and process.
@@ -311,7 +320,8 @@ def evaluate_target(target: str | os.PathLike, *, shards: str | os.PathLike | No
             ``eval.precision`` (see :func:`embedding_precision`).
 
     Returns:
-        ``{"target", "shards", "split", "num_gallery", "num_queries", "metrics"}``.
+        One ``{"target", "shards", "split", "num_gallery", "num_queries", "metrics"}`` per shard set, in
+        order.
 
     Raises:
         CheckpointError, ConfigError, ShardError, RetrievalInputError: bad input.
@@ -325,26 +335,41 @@ def evaluate_target(target: str | os.PathLike, *, shards: str | os.PathLike | No
     if config_file is not None:
         image_size = image_size or tuple(run_cfg.model.image_size)
         stride_size = stride_size or run_cfg.model.stride_size
-    shards = shards if shards is not None else (run_cfg.data.shards if config_file is not None else None)
-    if shards is None:
-        raise ConfigError(f"{file} does not name its shards: pass --shards DIR")
+    if not shard_sets:
+        if config_file is None:
+            raise ConfigError(f"{file} does not name its shards: pass --shards DIR")
+        shard_sets = [run_cfg.data.shards]
     run_cfg = replace(run_cfg, train=replace(run_cfg.train, mixed_precision=precision, compile=False,
                                              grad_accum_steps=1))
     accelerator = build_accelerator(run_cfg)
+    results = []
     try:
         model = _load_model(file, run_cfg if config_file is not None else None, image_size, stride_size)
         model = model.to(accelerator.device)
         size = tuple(model.base_model.visual.image_size)
-        gallery, queries = build_eval_loaders(shards, split, rank=accelerator.process_index,
-                                              world_size=accelerator.num_processes, batch_size=batch_size,
-                                              num_workers=num_workers, image_size=size,
-                                              pin_memory=accelerator.device.type == "cuda")
         eval_cfg = EvalConfig(split=split, batch_size=batch_size, chunk_size=chunk_size, i2t=i2t,
                               precision=embedding_precision(precision, run_cfg if config_file else None))
-        metrics = evaluate_retrieval(accelerator, model, gallery, queries, eval_cfg)
-        logger.info("%s on %s (%s split):\n%s", file, shards, split, format_metrics_table(metrics))
+        for shards in shard_sets:
+            gallery, queries = build_eval_loaders(shards, split, rank=accelerator.process_index,
+                                                  world_size=accelerator.num_processes, batch_size=batch_size,
+                                                  num_workers=num_workers, image_size=size,
+                                                  pin_memory=accelerator.device.type == "cuda")
+            metrics = evaluate_retrieval(accelerator, model, gallery, queries, eval_cfg)
+            logger.info("%s on %s (%s split):\n%s", file, shards, split, format_metrics_table(metrics))
+            results.append({"target": str(file), "shards": str(shards), "split": split,
+                            "num_gallery": gallery.num_items, "num_queries": queries.num_items,
+                            "metrics": metrics})
     finally:
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
-    return {"target": str(file), "shards": str(shards), "split": split, "num_gallery": gallery.num_items,
-            "num_queries": queries.num_items, "metrics": metrics}
+    return results
+
+
+def format_cross_table(results: Sequence[dict[str, Any]], task: str = "t2i") -> str:
+    """One row per evaluated shard set (R1, R5, R10, mAP, mINP of `task`), in the metrics table's layout.
+
+    Rows are named by the shard folder's name (full paths only where two names coincide)."""
+    names = [Path(str(r["shards"]).rstrip("/")).name or str(r["shards"]) for r in results]
+    if len(set(names)) < len(names):
+        names = [str(r["shards"]) for r in results]
+    return format_metrics_table({n: r["metrics"][task] for n, r in zip(names, results)}, label="shards")

@@ -47,6 +47,7 @@ from irra_dist.engine.checkpointing import (
 from irra_dist.engine.evaluate import evaluate_retrieval, flat_metrics, show_progress
 from irra_dist.engine.failures import PeerFailure, PeerFailureWatch, announce, inject_failure
 from irra_dist.engine.gradcache import build_grad_cache
+from irra_dist.engine.init_from import build_model_for_training
 from irra_dist.engine.runfolder import RunFolderClaim, absolute_locations, claim_run_folder
 from irra_dist.engine.runlog import (
     BEST_WEIGHTS_FILE,
@@ -62,7 +63,7 @@ from irra_dist.engine.tracking import finish_wandb, init_wandb, new_run_id
 from irra_dist.evaluation.metrics import format_metrics_table
 from irra_dist.evaluation.selection import RULE_TITLES, select_results
 from irra_dist.losses import irra_accuracies, irra_losses
-from irra_dist.model import CheckpointError, build_irra_from_config
+from irra_dist.model import CheckpointError
 from irra_dist.optim import build_lr_scheduler, build_optimizer
 from irra_dist.search import RetrievalExamples
 
@@ -308,8 +309,7 @@ class Trainer:
         num_classes = loader.num_train_ids if "id" in self.names else 0
         # Same seed on every rank before building: identical initial weights everywhere.
         set_seed(cfg.train.seed)
-        model = build_irra_from_config(cfg.model, num_classes, with_mlm="mlm" in self.names,
-                                       mask_global_text=cfg.data.mask_global_text)
+        model = build_model_for_training(cfg, num_classes)
         self.num_params = sum(p.numel() for p in model.parameters())
         # On the device before the optimizer exists, so that it can pick fused CUDA kernels.
         optimizer = build_optimizer(model.to(self.device), cfg.optim)

@@ -572,7 +572,8 @@ def build_eval_loaders(shards_dir: str | os.PathLike, split: str = "test", *, ra
     _check_rank(rank, world_size)
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    manifest, index = open_split(shards_dir, split, verify=verify, cache_dir=cache_dir, cache_max_gb=cache_max_gb)
+    manifest, index = open_split(shards_dir, split, verify=verify, cache_dir=cache_dir,
+                                 cache_max_gb=cache_max_gb)
     size = _check_image_size(manifest, image_size, shards_dir)
     common = {"rank": rank, "world_size": world_size, "batch_size": batch_size, "num_workers": num_workers,
               "pin_memory": pin_memory}

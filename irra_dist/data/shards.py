@@ -12,11 +12,11 @@ Layout of a shard folder (``irra-build-shards --out DIR``)::
 A record's json member holds ``pid``, ``image_id``, ``rel_path`` and ``captions``. Keys are the record's
 position in its split (``%08d``). The tars are written by ``webdataset.TarWriter`` and read by ``wids``, so
 ``webdataset.WebDataset(urls).decode("pil")`` or ``wids.ShardListDataset`` read a set with no irra_dist code;
-a set written by other tools in this layout becomes trainable once ``irra-build-shards --index-only --out DIR``
-has written its index files and manifest. Images are the original file bytes, or with ``pre_resize`` the
-image converted to RGB and resized to the training size with bilinear (as the official Resize), stored
-losslessly as PNG or raw PPM; resizing such an image to the same size again is the identity, so training
-pixels are the same either way.
+a set written by other tools in this layout becomes trainable once
+``irra-build-shards --index-only --out DIR`` has written its index files and manifest. Images are the
+original file bytes, or with ``pre_resize`` the image converted to RGB and resized to the training size
+with bilinear (as the official Resize), stored losslessly as PNG or raw PPM; resizing such an image to the
+same size again is the identity, so training pixels are the same either way.
 
 Builds are deterministic (fixed member order, mtime 0, uid/gid 0, no user names, USTAR headers, no
 timestamps in the manifest): the same input gives byte-identical files. Every file is written under a
@@ -385,7 +385,8 @@ def _split_entry(out: Path, split: str, shards: list[dict[str, Any]], columns: d
         shardlist = {"wids_version": 1, "name": split,
                      "shardlist": [{"url": s["file"], "nsamples": s["num_records"], "filesize": s["bytes"]}
                                    for s in shards]}
-        entry["shardlist"] = _atomic_write_bytes(out / f"{split}-shards.json", _json_bytes(shardlist, indent=1))
+        entry["shardlist"] = _atomic_write_bytes(out / f"{split}-shards.json",
+                                                 _json_bytes(shardlist, indent=1))
     return entry
 
 
@@ -634,7 +635,8 @@ class RecordReader:
         try:
             raw = self._dataset()[int(record)]
         except (AssertionError, IndexError, struct.error, UnicodeDecodeError) as err:
-            raise RecordError(f"record {record} of the {self.index.split} split cannot be read ({err})") from None
+            raise RecordError(f"record {record} of the {self.index.split} split cannot be read ({err})",
+                              ) from None
         return {k.lstrip("."): v.getvalue() for k, v in raw.items() if not k.startswith("__")}
 
     def read(self, record: int) -> tuple[bytes, bytes]:
@@ -647,7 +649,8 @@ class RecordReader:
         members = self.sample(record)
         meta = members.pop("json")
         if len(members) != 1:
-            raise KeyError(f"record {record} has {len(members)} image members ({', '.join(members)}), not one")
+            raise KeyError(f"record {record} has {len(members)} image members ({', '.join(members)}), "
+                           "not one")
         return next(iter(members.values())), meta
 
     def read_json(self, record: int) -> dict[str, Any]:

@@ -103,8 +103,8 @@ class ShardStore:
         self.location = str(location)
         self.remote = is_remote(self.location)
         if self.location.startswith("pipe:") and "{name}" not in self.location:
-            raise ShardError(f"the pipe: command {self.location!r} has no {{name}}: write where the file name "
-                             "goes, e.g. pipe:aws s3 cp s3://bucket/set/{name} -")
+            raise ShardError(f"the pipe: command {self.location!r} has no {{name}}: write where the file "
+                             "name goes, e.g. pipe:aws s3 cp s3://bucket/set/{name} -")
         self.cache_root = Path(cache_dir) if cache_dir else DEFAULT_CACHE_DIR
         key = hashlib.sha256(self.location.encode()).hexdigest()[:16]
         self.cache_dir = self.cache_root / key
@@ -133,7 +133,7 @@ class ShardStore:
 
     @contextlib.contextmanager
     def open(self, name: str) -> Iterator[BinaryIO]:
-        """A readable binary stream of file `name`: the local file, the HTTP response, or the command's stdout.
+        """A readable binary stream of file `name`: the local file, the HTTP response, or a command's stdout.
 
         Raises:
             FileNotFoundError: a local file is missing.
@@ -224,13 +224,14 @@ class ShardStore:
                 except SourceError:
                     raise
                 except (TimeoutError, OSError) as err:
-                    raise SourceError(f"reading {self.url(name)} failed after {received} bytes ({err})") from None
+                    raise SourceError(f"reading {self.url(name)} failed after {received} bytes ({err})",
+                                      ) from None
             if received != size:
                 raise SourceError(f"{self.url(name)} gave {received} bytes but the manifest records {size} "
                                   "(truncated or replaced)")
             if digest.hexdigest() != sha256:
-                raise SourceError(f"{self.url(name)} does not match the SHA-256 in the manifest (corrupted or "
-                                  "replaced)")
+                raise SourceError(f"{self.url(name)} does not match the SHA-256 in the manifest "
+                                  "(corrupted or replaced)")
             os.chmod(tmp, 0o644)
             os.replace(tmp, path)
         except BaseException:

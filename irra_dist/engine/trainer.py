@@ -32,6 +32,8 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from irra_dist.config import Config, ConfigError, dump_config, save_config
 from irra_dist.data.pipeline import TrainLoader, build_eval_loaders
 from irra_dist.data.shards import MANIFEST_NAME
+from irra_dist.data.sources import is_remote
+from irra_dist.data.streaming import StreamTrainLoader
 from irra_dist.distributed import all_reduce_sum, gather_columns
 from irra_dist.engine.accel import build_accelerator
 from irra_dist.engine.checkpointing import (
@@ -124,10 +126,29 @@ def build_demo_shards(shards_dir: Path, image_size: tuple[int, int]) -> None:
                      workers=workers, progress=False)
 
 
+def _cache_args(cfg: Config) -> dict[str, Any]:
+    """Where remote shards are cached (data.cache_dir, data.cache_max_gb; 0 means no cap)."""
+    return {"cache_dir": cfg.data.cache_dir or None, "cache_max_gb": cfg.data.cache_max_gb or None}
+
+
+def build_train_loader(cfg: Config, accelerator: Accelerator) -> TrainLoader | StreamTrainLoader:
+    """This rank's training loader: indexed (wids) or streaming, as ``data.mode`` says."""
+    common = dict(global_batch_size=cfg.train.batch_size * accelerator.num_processes,
+                  rank=accelerator.process_index, world_size=accelerator.num_processes, seed=cfg.train.seed,
+                  num_workers=cfg.data.num_workers, image_size=tuple(cfg.model.image_size),
+                  image_aug=cfg.data.image_aug, drop_last=cfg.data.drop_last, mlm=cfg.data.mlm,
+                  mask_global_text=cfg.data.mask_global_text, pin_memory=accelerator.device.type == "cuda",
+                  **_cache_args(cfg))
+    if cfg.data.mode == "stream":
+        return StreamTrainLoader(cfg.data.shards, shuffle_buffer=cfg.data.shuffle_buffer, **common)
+    return TrainLoader(cfg.data.shards, sampler=cfg.data.sampler, num_instances=cfg.data.num_instances,
+                       **common)
+
+
 def ensure_shards(accelerator: Accelerator, cfg: Config) -> None:
     """Build the demo shards on the main process if the recipe asks for it and they are missing."""
     shards = Path(cfg.data.shards)
-    if (shards / MANIFEST_NAME).is_file() or not cfg.data.build_demo_if_missing:
+    if is_remote(cfg.data.shards) or (shards / MANIFEST_NAME).is_file() or not cfg.data.build_demo_if_missing:
         return  # a missing set is reported by the loader with a one-line ShardError
     if accelerator.is_main_process:
         logger.info("no shards in %s: generating the synthetic demo dataset and its shards", shards)
@@ -260,7 +281,8 @@ class Trainer:
             self.gallery, self.queries = build_eval_loaders(
                 cfg.data.shards, cfg.eval.split, rank=accelerator.process_index, world_size=self.world,
                 batch_size=cfg.eval.batch_size, num_workers=cfg.data.num_workers,
-                image_size=tuple(cfg.model.image_size), pin_memory=self.device.type == "cuda")
+                image_size=tuple(cfg.model.image_size), pin_memory=self.device.type == "cuda",
+                **_cache_args(cfg))
 
     # ---------------------------------------------------------------------------------------------
 
@@ -401,7 +423,7 @@ class Trainer:
     def train_epoch(self, epoch: int) -> bool:
         """Run (the rest of) one epoch; False when train.max_steps stopped it early."""
         cfg = self.cfg
-        n_batches = len(self.loader.global_batches(epoch))
+        n_batches = self.loader.num_batches(epoch)
         self.model.train()
         self.acc.step = 0  # accumulation groups start at the beginning of each epoch
         window = _Stats(self.loss_keys, self.device)
@@ -535,13 +557,7 @@ def train(cfg: Config, *, resume: str | os.PathLike | None = None) -> Path:
         with run_logging(is_main=accelerator.is_main_process, rank=accelerator.process_index) as logs:
             ensure_shards(accelerator, cfg)
             # Built before the run folder, so that bad data leaves no empty run behind.
-            loader = TrainLoader(
-                cfg.data.shards, global_batch_size=cfg.train.batch_size * accelerator.num_processes,
-                rank=accelerator.process_index, world_size=accelerator.num_processes, seed=cfg.train.seed,
-                num_workers=cfg.data.num_workers, image_size=tuple(cfg.model.image_size),
-                image_aug=cfg.data.image_aug, sampler=cfg.data.sampler, num_instances=cfg.data.num_instances,
-                drop_last=cfg.data.drop_last, mlm=cfg.data.mlm, mask_global_text=cfg.data.mask_global_text,
-                pin_memory=accelerator.device.type == "cuda")
+            loader = build_train_loader(cfg, accelerator)
             run_dir = run_dir_of(checkpoint) if checkpoint is not None else _new_run_dir(accelerator, cfg)
             if accelerator.is_main_process:
                 run_dir.mkdir(parents=True, exist_ok=True)

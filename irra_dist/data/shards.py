@@ -390,6 +390,90 @@ def _split_entry(out: Path, split: str, shards: list[dict[str, Any]], columns: d
     return entry
 
 
+def index_shards(shards_dir: str | os.PathLike, *, dataset: str | None = None) -> dict[str, Any]:
+    """Write the index files, wids shard lists and manifest for tars that another tool wrote.
+
+    The tars must follow the documented layout: files ``<split>-*.tar`` (split train, val or test; read in
+    name order) in `shards_dir`, each sample one image member plus ``<key>.json`` holding an integer
+    ``pid`` and a list of ``captions`` (``image_id`` and ``rel_path`` optional). Samples are grouped by
+    wids' own reader, so the counts recorded here are the ones the loaders see.
+
+    Args:
+        shards_dir: the folder holding the tars (the manifest is written there).
+        dataset: the name recorded in the manifest (default: the folder name).
+
+    Returns:
+        The manifest, as written.
+
+    Raises:
+        ShardError: no train tars, or a sample that does not follow the layout (named with its shard).
+    """
+    out = Path(shards_dir)
+    tars = {split: sorted(p for p in out.glob(f"{split}-*.tar") if p.is_file()) for split in SPLITS} \
+        if out.is_dir() else {}
+    if not tars or not tars["train"]:
+        raise ShardError(f"no train-*.tar in {out}: put the shards there named <split>-NNNNNN.tar (split "
+                         "train, val or test)")
+    (out / MANIFEST_NAME).unlink(missing_ok=True)
+    splits: dict[str, Any] = {}
+    train_pids: set[int] = set()
+    for split in SPLITS:
+        columns: dict[str, list[int]] = {name: [] for name in _INDEX_COLUMNS}
+        shards: list[dict[str, Any]] = []
+        pids: set[int] = set()
+        num_captions = 0
+        for path in tars[split]:
+            samples = wids.wids.IndexedTarSamples(path=str(path))
+            try:
+                for i in range(len(samples)):
+                    members = samples[i]
+                    try:
+                        meta = json.loads(members[".json"].read())
+                        pid, captions = int(meta["pid"]), meta["captions"]
+                        if not isinstance(captions, list) or not all(isinstance(c, str) for c in captions):
+                            raise TypeError("captions is not a list of strings")
+                        images = [k for k in members if not k.startswith("__") and k != ".json"]
+                        if len(images) != 1:
+                            raise ValueError(f"{len(images)} image members")
+                        image_id = int(meta.get("image_id", len(columns["pid"])))
+                    except (KeyError, ValueError, TypeError, AttributeError) as err:
+                        raise ShardError(f"{path}: sample {members['__key__']!r} does not follow the layout "
+                                         f"({err}): each sample needs one image and <key>.json with an "
+                                         "integer pid and a list of captions") from None
+                    columns["shard"].append(len(shards))
+                    columns["pid"].append(pid)
+                    columns["image_id"].append(image_id)
+                    columns["num_captions"].append(len(captions))
+                    pids.add(pid)
+                    num_captions += len(captions)
+                num_records = len(samples)
+            finally:
+                samples.close()
+            shards.append({"file": path.name, "bytes": path.stat().st_size, "sha256": _sha256_file(path),
+                           "num_records": num_records})
+        splits[split] = _split_entry(out, split, shards, columns, num_ids=len(pids),
+                                     num_captions=num_captions)
+        if split == "train":
+            train_pids = pids
+    manifest = {
+        "format": FORMAT_NAME,
+        "builder_version": BUILDER_VERSION,
+        "dataset": dataset or out.resolve().name,
+        "annotation_file": None,
+        "annotation_sha256": None,
+        "image_format": "original",
+        "image_size": None,
+        "shard_size": max(s["num_records"] for e in splits.values() for s in e["shards"]),
+        # Pids are class indices: the classifier needs max + 1 outputs even if some pids are unused.
+        "num_train_ids": max(train_pids) + 1 if train_pids else 0,
+        "num_skipped": 0,
+        "indexed_only": True,
+        "splits": splits,
+    }
+    _atomic_write_bytes(out / MANIFEST_NAME, _json_bytes(manifest, indent=1) + b"\n")
+    return manifest
+
+
 # --------------------------------------------------------------------------------------------------
 # Loading and verifying
 
@@ -671,8 +755,9 @@ def _arg_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="irra-build-shards",
         description="Write a person-retrieval dataset as WebDataset tar shards plus manifest.json.")
-    parser.add_argument("--dataset", required=True, help="CUHK-PEDES, ICFG-PEDES or RSTPReid (or an alias)")
-    parser.add_argument("--root", required=True, help="the dataset folder, or the data root holding it")
+    parser.add_argument("--dataset", help="CUHK-PEDES, ICFG-PEDES or RSTPReid (or an alias); with "
+                        "--index-only, the name recorded in the manifest")
+    parser.add_argument("--root", help="the dataset folder, or the data root holding it")
     parser.add_argument("--out", default=None, help="destination folder (default: shards/<dataset>)")
     parser.add_argument("--shard-size", type=int, default=DEFAULT_SHARD_SIZE, help="images per shard")
     parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
@@ -684,6 +769,9 @@ def _arg_parser() -> argparse.ArgumentParser:
     parser.add_argument("--skip-bad", action="store_true", help="skip bad records instead of stopping")
     parser.add_argument("--overwrite", action="store_true", help="replace another dataset's shards in --out")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--index-only", action="store_true",
+                        help="write only the index files and manifest for the <split>-*.tar already in --out "
+                             "(shards written by another tool in the documented layout)")
     return parser
 
 
@@ -693,24 +781,42 @@ def main(argv: list[str] | None = None) -> int:
     Returns:
         0 on success, 2 on bad input (one ``error:`` line on stderr).
     """
-    args = _arg_parser().parse_args(argv)
+    parser = _arg_parser()
+    args = parser.parse_args(argv)
+    if args.index_only and not args.out:
+        parser.error("--index-only needs --out DIR, the folder holding the tars")
+    if not args.index_only and not (args.dataset and args.root):
+        parser.error("the following arguments are required: --dataset, --root")
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
-        parsed = parse_dataset(args.dataset, args.root, skip_bad=args.skip_bad)
-        out = Path(args.out) if args.out else Path("shards") / parsed.name
-        print(parsed.table())
-        manifest = build_shards(parsed, None, out, shard_size=args.shard_size, workers=args.workers,
-                                pre_resize=args.pre_resize, pre_resize_format=args.pre_resize_format,
-                                overwrite=args.overwrite, skip_bad=args.skip_bad,
-                                progress=not args.no_progress)
+        if args.index_only:
+            out = Path(args.out)
+            manifest = index_shards(out, dataset=args.dataset)
+        else:
+            out, manifest = _build_from_args(args)
     except (ShardError, DatasetError, DatasetNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    _print_summary(out, manifest)
+    return 0
+
+
+def _build_from_args(args: argparse.Namespace) -> tuple[Path, dict[str, Any]]:
+    """Parse the dataset, print its table, write the shards; returns (out folder, manifest)."""
+    parsed = parse_dataset(args.dataset, args.root, skip_bad=args.skip_bad)
+    out = Path(args.out) if args.out else Path("shards") / parsed.name
+    print(parsed.table())
+    manifest = build_shards(parsed, None, out, shard_size=args.shard_size, workers=args.workers,
+                            pre_resize=args.pre_resize, pre_resize_format=args.pre_resize_format,
+                            overwrite=args.overwrite, skip_bad=args.skip_bad, progress=not args.no_progress)
+    return out, manifest
+
+
+def _print_summary(out: Path, manifest: dict[str, Any]) -> None:
     for split, entry in manifest["splits"].items():
         size = sum(s["bytes"] for s in entry["shards"])
         print(f"{split}: {len(entry['shards'])} shards, {entry['num_images']} images, "
               f"{entry['num_captions']} captions, {size / 2**20:.1f} MiB")
     print(f"wrote {out / MANIFEST_NAME} ({manifest['num_train_ids']} train ids, "
           f"{manifest['num_skipped']} skipped)")
-    return 0

@@ -182,7 +182,7 @@ def test_http_training_equals_local_training_step_by_step(tiny_shards: Path, tmp
                     for name, v in rows.items()}
     assert len(train_losses["local"]) >= 3 and train_losses["http"] == train_losses["local"]
     evals = {name: [r for r in v if r["kind"] == "eval"] for name, v in rows.items()}
-    assert evals["http"] and [r["R1"] for r in evals["http"]] == [r["R1"] for r in evals["local"]]
+    assert evals["http"] and [r["metrics"] for r in evals["http"]] == [r["metrics"] for r in evals["local"]]
     # The cache holds verified copies of every train and test shard, nothing half-written.
     manifest = load_manifest(tiny_shards)
     cached = {p.name.split("-", 1)[1]: p.read_bytes() for p in cache.rglob("*.tar")}

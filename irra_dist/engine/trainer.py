@@ -382,6 +382,8 @@ class Trainer:
         """The evaluation hook that draws a few fixed queries' top-5 into retrieval/epoch_NNN.png."""
 
         def draw(g_feats, g_pids, g_index, q_feats, q_index) -> None:
+            if is_remote(self.cfg.data.shards):
+                return  # the picture reads images from a local shard folder
             try:
                 if self.examples is None:
                     self.examples = RetrievalExamples(self.cfg.data.shards, self.cfg.eval.split)

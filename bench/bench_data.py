@@ -11,10 +11,10 @@ Run: ``python bench/bench_data.py [--quick] [--json PATH]``. On a synthetic CUHK
 - ``shard build`` rows: images/s written by ``build_shards`` with 1 and 2 workers, original bytes and
   pre-resized; baseline: Python's ``tarfile.add`` of the same files (1 thread, original bytes only).
   The synthetic images are small (about 110x290 JPEGs of 8 KiB), like CUHK-PEDES's.
-- ``vs a897f61`` rows (issue 12): the same measurements, each in a fresh process, for the code before the
+- ``vs a897f61`` rows (issue 12): the same measurements, in fresh processes, for the code before the
   WebDataset/wids change (commit a897f61, checked out in a temporary git worktree under /tmp; baseline) and
-  for this tree (value), run alternately twice and the best of each kept: shard building with
-  webdataset's TarWriter vs the hand-written tar writer (original JPEG, 1 worker), and training samples/s
+  for this tree (value), run alternately twice (once with --quick), keeping the best of each: shard building
+  with webdataset's TarWriter vs the hand-written tar writer (original JPEG, 1 worker), and training samples/s
   per worker (original JPEG shards, 0 workers) for the wids reader, streaming mode, and the wids reader over
   a set served by ``python -m http.server`` on 127.0.0.1 (shards fetched into the cache first), each against
   the byte-offset reader of a897f61. Without git or that commit these rows have no value.
@@ -57,31 +57,38 @@ READERS = {"read": "wids reader", "stream": "streaming mode", "http": "wids read
 # One measurement in a fresh interpreter, for either code tree (only API both trees have, plus streaming).
 _WORKER = r"""
 import json, sys, time, torch
-args = json.loads(sys.argv[1])
 torch.set_num_threads(1)
 from irra_dist.data.parsers import parse_dataset
 from irra_dist.data.shards import build_shards
-if args["what"] == "build":
-    parsed = parse_dataset("CUHK-PEDES", args["root"])
+
+def build(root, out):
+    parsed = parse_dataset("CUHK-PEDES", root)
     n = sum(len(r) for r in parsed.splits.values())
     start = time.perf_counter()
-    build_shards(parsed, None, args["out"], workers=1, progress=False, overwrite=True)
-    print(json.dumps(n / (time.perf_counter() - start)))
-    sys.exit()
-if args["what"] == "stream":
-    from irra_dist.data.streaming import StreamTrainLoader as Loader
-else:
-    from irra_dist.data.pipeline import TrainLoader as Loader
-extra = {"cache_dir": args["cache"]} if args["what"] == "http" else {}
-loader = Loader(args["shards"], global_batch_size=32, image_size=(384, 128), num_workers=0, **extra)
-batches = iter(loader)
-next(batches)
-count, start = 0, time.perf_counter()
-for batch in batches:
-    count += len(batch["pids"])
-    if count >= args["limit"]:
-        break
-print(json.dumps(count / (time.perf_counter() - start)))
+    build_shards(parsed, None, out, workers=1, progress=False, overwrite=True)
+    return n / (time.perf_counter() - start)
+
+def read(what, shards, limit, cache):
+    if what == "stream":
+        from irra_dist.data.streaming import StreamTrainLoader as Loader
+    else:
+        from irra_dist.data.pipeline import TrainLoader as Loader
+    extra = {"cache_dir": cache} if what == "http" else {}
+    loader = Loader(shards, global_batch_size=32, image_size=(384, 128), num_workers=0, **extra)
+    batches = iter(loader)
+    next(batches)
+    count, start = 0, time.perf_counter()
+    for batch in batches:
+        count += len(batch["pids"])
+        if count >= limit:
+            break
+    return count / (time.perf_counter() - start)
+
+rates = {}
+for job in json.loads(sys.argv[1]):
+    what = job.pop("what")
+    rates[what] = build(**job) if what == "build" else read(what, **job)
+print(json.dumps(rates))
 """
 
 
@@ -140,13 +147,14 @@ def _tarfile_rate(parsed: ParsedDataset, out: Path) -> float:
     return len(records) / (time.perf_counter() - start)
 
 
-def _measure(code_root: Path, **args) -> float:
+def _measure(code_root: Path, jobs: list[dict]) -> dict[str, float]:
+    """Run `jobs` (build / read / stream / http measurements) in one fresh interpreter on `code_root`."""
     env = {**os.environ, "PYTHONPATH": str(code_root)}
-    proc = subprocess.run([sys.executable, "-c", _WORKER, json.dumps(args)], env=env, capture_output=True,
-                          text=True, timeout=600, cwd=code_root)
+    proc = subprocess.run([sys.executable, "-c", _WORKER, json.dumps(jobs)], env=env, capture_output=True,
+                          text=True, timeout=900, cwd=code_root)
     if proc.returncode != 0:
-        raise RuntimeError(f"measurement {args['what']} in {code_root} failed: {proc.stderr.strip()[-500:]}")
-    return float(proc.stdout.strip().splitlines()[-1])
+        raise RuntimeError(f"measurement in {code_root} failed: {proc.stderr.strip()[-500:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 @contextlib.contextmanager
@@ -182,7 +190,7 @@ def _http_server(folder: Path):
         proc.wait(timeout=10)
 
 
-def _before_after_rows(root: Path, limit: int) -> list[dict]:
+def _before_after_rows(root: Path, limit: int, rounds: int) -> list[dict]:
     """Shard building and reader throughput of this tree against commit BEFORE (see the docstring)."""
     names = ["shard build, original JPEG, 1 worker, webdataset TarWriter vs a897f61"] + [
         f"train pipeline, {label}, 0 workers, vs a897f61 reader" for label in READERS.values()]
@@ -191,20 +199,19 @@ def _before_after_rows(root: Path, limit: int) -> list[dict]:
         if before is None:
             return [{"name": n, "value": None, "unit": u, "baseline": None, "ratio": None}
                     for n, u in zip(names, units)]
-        trees = {"before": before, "after": REPO_ROOT}
         best: dict[tuple[str, str], float] = {}
-        for _ in range(2):  # alternate the trees, keep the best of each: machine load hits both alike
-            for tree, code in trees.items():
+        for _ in range(rounds):  # alternate the trees, keep the best of each: machine load hits both alike
+            for tree, code in (("before", before), ("after", REPO_ROOT)):
                 out = Path(tmp) / f"shards_{tree}"
-                rate = _measure(code, what="build", root=str(root), out=str(out))
-                best[tree, "build"] = max(best.get((tree, "build"), 0.0), rate)
-                whats = ["read"] if tree == "before" else list(READERS)
+                # Built first (its own job) so that the server below has the files to serve.
+                rates = _measure(code, [{"what": "build", "root": str(root), "out": str(out)}])
                 with _http_server(out) as url:
-                    for what in whats:
-                        source = url if what == "http" else str(out)
-                        rate = _measure(code, what=what, shards=source, limit=limit,
-                                        cache=str(Path(tmp) / "cache"))
-                        best[tree, what] = max(best.get((tree, what), 0.0), rate)
+                    whats = ["read"] if tree == "before" else list(READERS)
+                    rates |= _measure(code, [{"what": w, "shards": url if w == "http" else str(out),
+                                              "limit": limit, "cache": str(Path(tmp) / "cache")}
+                                             for w in whats])
+                for what, rate in rates.items():
+                    best[tree, what] = max(best.get((tree, what), 0.0), rate)
     rows = []
     for name, unit, what in zip(names, units, ["build", *READERS]):
         value, baseline = best["after", what], best["before", "build" if what == "build" else "read"]
@@ -247,7 +254,7 @@ def run(quick: bool) -> list[dict]:
             rate = _samples_per_s(loader, limit)
             rows.append({"name": f"train pipeline, shards of {label}, 0 workers", "value": rate,
                          "unit": "samples/s", "baseline": baseline, "ratio": rate / baseline})
-        rows += _before_after_rows(root, limit)
+        rows += _before_after_rows(root, limit, rounds=1 if quick else 2)
     return rows
 
 

@@ -17,7 +17,9 @@ Run: ``python bench/bench_data.py [--quick] [--json PATH]``. On a synthetic CUHK
   with webdataset's TarWriter vs the hand-written tar writer (original JPEG, 1 worker), and training samples/s
   per worker (original JPEG shards, 0 workers) for the wids reader, streaming mode, and the wids reader over
   a set served by ``python -m http.server`` on 127.0.0.1 (shards fetched into the cache first), each against
-  the byte-offset reader of a897f61. Without git or that commit these rows have no value.
+  the byte-offset reader of a897f61. These rows divide by the measuring process's CPU time, not wall time, so
+  that other jobs on a shared machine do not distort the comparison. Without git or that commit these rows
+  have no value.
 """
 
 from __future__ import annotations
@@ -64,9 +66,9 @@ from irra_dist.data.shards import build_shards
 def build(root, out):
     parsed = parse_dataset("CUHK-PEDES", root)
     n = sum(len(r) for r in parsed.splits.values())
-    start = time.perf_counter()
+    start = time.process_time()
     build_shards(parsed, None, out, workers=1, progress=False, overwrite=True)
-    return n / (time.perf_counter() - start)
+    return n / (time.process_time() - start)
 
 def read(what, shards, limit, cache):
     if what == "stream":
@@ -77,12 +79,12 @@ def read(what, shards, limit, cache):
     loader = Loader(shards, global_batch_size=32, image_size=(384, 128), num_workers=0, **extra)
     batches = iter(loader)
     next(batches)
-    count, start = 0, time.perf_counter()
+    count, start = 0, time.process_time()
     for batch in batches:
         count += len(batch["pids"])
         if count >= limit:
             break
-    return count / (time.perf_counter() - start)
+    return count / (time.process_time() - start)
 
 rates = {}
 for job in json.loads(sys.argv[1]):

@@ -11,10 +11,25 @@ Run: ``python bench/bench_data.py [--quick] [--json PATH]``. On a synthetic CUHK
 - ``shard build`` rows: images/s written by ``build_shards`` with 1 and 2 workers, original bytes and
   pre-resized; baseline: Python's ``tarfile.add`` of the same files (1 thread, original bytes only).
   The synthetic images are small (about 110x290 JPEGs of 8 KiB), like CUHK-PEDES's.
+- ``vs a897f61`` rows (issue 12): the same measurements, in fresh processes, for the code before the
+  WebDataset/wids change (commit a897f61, checked out in a temporary git worktree under /tmp; baseline) and
+  for this tree (value), run alternately twice (once with --quick), keeping the best of each: shard building
+  with webdataset's TarWriter vs the hand-written tar writer (original JPEG, 1 worker), and training samples/s
+  per worker (original JPEG shards, 0 workers) for the wids reader, streaming mode, and the wids reader over
+  a set served by ``python -m http.server`` on 127.0.0.1 (shards fetched into the cache first), each against
+  the byte-offset reader of a897f61. These rows divide by the measuring process's CPU time, not wall time, so
+  that other jobs on a shared machine do not distort the comparison. Without git or that commit these rows
+  have no value.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
 import sys
 import tarfile
 import tempfile
@@ -22,7 +37,7 @@ import time
 from pathlib import Path
 
 import torch
-from common import bench_main
+from common import REPO_ROOT, bench_main
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
@@ -37,6 +52,46 @@ from irra_dist.tokenizer import default_tokenizer, tokenize
 IMAGE_SIZE = (384, 128)
 BATCH = 32
 FORMATS = {"original": "original JPEG", "png": "pre-resized PNG", "ppm": "pre-resized PPM"}
+BEFORE = "a897f61"
+"""The last commit with the hand-written tar writer and byte-offset reader (before issue 12)."""
+READERS = {"read": "wids reader", "stream": "streaming mode", "http": "wids reader, HTTP-cached"}
+
+# One measurement in a fresh interpreter, for either code tree (only API both trees have, plus streaming).
+_WORKER = r"""
+import json, sys, time, torch
+torch.set_num_threads(1)
+from irra_dist.data.parsers import parse_dataset
+from irra_dist.data.shards import build_shards
+
+def build(root, out):
+    parsed = parse_dataset("CUHK-PEDES", root)
+    n = sum(len(r) for r in parsed.splits.values())
+    start = time.process_time()
+    build_shards(parsed, None, out, workers=1, progress=False, overwrite=True)
+    return n / (time.process_time() - start)
+
+def read(what, shards, limit, cache):
+    if what == "stream":
+        from irra_dist.data.streaming import StreamTrainLoader as Loader
+    else:
+        from irra_dist.data.pipeline import TrainLoader as Loader
+    extra = {"cache_dir": cache} if what == "http" else {}
+    loader = Loader(shards, global_batch_size=32, image_size=(384, 128), num_workers=0, **extra)
+    batches = iter(loader)
+    next(batches)
+    count, start = 0, time.process_time()
+    for batch in batches:
+        count += len(batch["pids"])
+        if count >= limit:
+            break
+    return count / (time.process_time() - start)
+
+rates = {}
+for job in json.loads(sys.argv[1]):
+    what = job.pop("what")
+    rates[what] = build(**job) if what == "build" else read(what, **job)
+print(json.dumps(rates))
+"""
 
 
 class OfficialStyleDataset(Dataset):
@@ -94,6 +149,79 @@ def _tarfile_rate(parsed: ParsedDataset, out: Path) -> float:
     return len(records) / (time.perf_counter() - start)
 
 
+def _measure(code_root: Path, jobs: list[dict]) -> dict[str, float]:
+    """Run `jobs` (build / read / stream / http measurements) in one fresh interpreter on `code_root`."""
+    env = {**os.environ, "PYTHONPATH": str(code_root)}
+    proc = subprocess.run([sys.executable, "-c", _WORKER, json.dumps(jobs)], env=env, capture_output=True,
+                          text=True, timeout=900, cwd=code_root)
+    if proc.returncode != 0:
+        raise RuntimeError(f"measurement in {code_root} failed: {proc.stderr.strip()[-500:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@contextlib.contextmanager
+def _before_tree(tmp: Path):
+    """A detached git worktree of BEFORE under `tmp` (None when git or the commit is unavailable)."""
+    tree = tmp / f"irra_dist_{BEFORE}"
+    made = subprocess.run(["git", "-C", str(REPO_ROOT), "worktree", "add", "--detach", str(tree), BEFORE],
+                          capture_output=True, timeout=120).returncode == 0
+    try:
+        yield tree if made else None
+    finally:
+        if made:
+            subprocess.run(["git", "-C", str(REPO_ROOT), "worktree", "remove", "--force", str(tree)],
+                           capture_output=True, timeout=120)
+
+
+@contextlib.contextmanager
+def _http_server(folder: Path):
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1",
+                             "--directory", str(folder)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        for _ in range(200):
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
+                break
+            time.sleep(0.05)
+        yield f"http://127.0.0.1:{port}/"
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=10)
+
+
+def _before_after_rows(root: Path, limit: int, rounds: int) -> list[dict]:
+    """Shard building and reader throughput of this tree against commit BEFORE (see the docstring)."""
+    names = ["shard build, original JPEG, 1 worker, webdataset TarWriter vs a897f61"] + [
+        f"train pipeline, {label}, 0 workers, vs a897f61 reader" for label in READERS.values()]
+    units = ["images/s"] + ["samples/s"] * len(READERS)
+    with tempfile.TemporaryDirectory(dir="/tmp") as tmp, _before_tree(Path(tmp)) as before:
+        if before is None:
+            return [{"name": n, "value": None, "unit": u, "baseline": None, "ratio": None}
+                    for n, u in zip(names, units)]
+        best: dict[tuple[str, str], float] = {}
+        for _ in range(rounds):  # alternate the trees, keep the best of each: machine load hits both alike
+            for tree, code in (("before", before), ("after", REPO_ROOT)):
+                out = Path(tmp) / f"shards_{tree}"
+                # Built first (its own job) so that the server below has the files to serve.
+                rates = _measure(code, [{"what": "build", "root": str(root), "out": str(out)}])
+                with _http_server(out) as url:
+                    whats = ["read"] if tree == "before" else list(READERS)
+                    rates |= _measure(code, [{"what": w, "shards": url if w == "http" else str(out),
+                                              "limit": limit, "cache": str(Path(tmp) / "cache")}
+                                             for w in whats])
+                for what, rate in rates.items():
+                    best[tree, what] = max(best.get((tree, what), 0.0), rate)
+    rows = []
+    for name, unit, what in zip(names, units, ["build", *READERS]):
+        value, baseline = best["after", what], best["before", "build" if what == "build" else "read"]
+        rows.append({"name": name, "value": value, "unit": unit, "baseline": baseline,
+                     "ratio": value / baseline})
+    return rows
+
+
 def run(quick: bool) -> list[dict]:
     """Measure the data pipeline; returns bench rows (name, value, unit, baseline, ratio).
 
@@ -128,6 +256,7 @@ def run(quick: bool) -> list[dict]:
             rate = _samples_per_s(loader, limit)
             rows.append({"name": f"train pipeline, shards of {label}, 0 workers", "value": rate,
                          "unit": "samples/s", "baseline": baseline, "ratio": rate / baseline})
+        rows += _before_after_rows(root, limit, rounds=1 if quick else 2)
     return rows
 
 

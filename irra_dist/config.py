@@ -78,7 +78,17 @@ class DataConfig:
     """Where the shards are and how training samples are drawn from them."""
 
     shards: str = "shards/demo"
-    """Folder holding manifest.json and the tar shards (built by irra-build-shards)."""
+    """Folder holding manifest.json and the tar shards (built by irra-build-shards), or the http(s):// URL of
+    such a folder, or a pipe: command writing file {name} to stdout (pipe:aws s3 cp s3://b/set/{name} -)."""
+    mode: Literal["indexed", "stream"] = "indexed"
+    """"indexed": random access through wids, exact epochs independent of the process count; "stream":
+    sequential reads of resampled shards through a shuffle buffer (corpora too big to cache; TRAINING.md)."""
+    cache_dir: str = ""
+    """Local cache of remote shards (default ~/.cache/irra_dist/shards)."""
+    cache_max_gb: float = 0.0
+    """Size cap of the cache; the least recently used shards are deleted to stay under it (0: no cap)."""
+    shuffle_buffer: int = 2000
+    """Stream mode: samples held in each worker's shuffle buffer."""
     num_workers: int = 4
     """Data-loader worker processes per rank (decode, augmentation, tokenisation, masking)."""
     image_aug: bool = True
@@ -102,6 +112,10 @@ class DataConfig:
     def __post_init__(self) -> None:
         _require(self.num_workers >= 0, "data.num_workers", "an integer >= 0")
         _require(self.num_instances >= 1, "data.num_instances", "an integer >= 1")
+        _require(self.cache_max_gb >= 0, "data.cache_max_gb", "a number >= 0 (0: no cap)")
+        _require(self.shuffle_buffer >= 1, "data.shuffle_buffer", "an integer >= 1")
+        _require(self.mode == "indexed" or self.sampler == "random", "data.sampler",
+                 '"random" when data.mode is "stream" (identity sampling needs data.mode=indexed)')
 
 
 @dataclass

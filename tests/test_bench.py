@@ -281,7 +281,10 @@ FULL_RUN_ROWS = {
     "bench_data": [f"shard build, {fmt}, {w} worker(s)" for w in (1, 2)
                    for fmt in ("original JPEG", "pre-resized PNG", "pre-resized PPM")]
     + [f"train pipeline, shards of {fmt}, 0 workers" for fmt in ("original JPEG", "pre-resized PNG",
-                                                                    "pre-resized PPM")],
+                                                                    "pre-resized PPM")]
+    + ["shard build, original JPEG, 1 worker, webdataset TarWriter vs a897f61"]
+    + [f"train pipeline, {r}, 0 workers, vs a897f61 reader" for r in ("wids reader", "streaming mode",
+                                                                       "wids reader, HTTP-cached")],
     "bench_model_step": ["train step fwd+bwd (median)", "train step peak activations",
                          "MLM head fwd+bwd peak", "MLM logits size (analytic)", "MLM head fwd+bwd time"],
     "bench_synthetic": ["generate, 1 worker(s), wall clock", "generate, 1 worker, process CPU time",

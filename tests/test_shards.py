@@ -110,8 +110,9 @@ def test_pre_resize_stores_lossless_images_of_the_training_size(parsed, tmp_path
     assert manifest["image_format"] == fmt and manifest["image_size"] == [64, 32]
     records = parsed.splits["train"]
     with tarfile.open(tmp_path / manifest["splits"]["train"]["shards"][1]["file"]) as tar:
-        assert tar.getnames()[0] == f"{4:08d}.{fmt}"
-        stored = Image.open(io.BytesIO(tar.extractfile(tar.getmembers()[0]).read()))
+        # webdataset's TarWriter writes a sample's members in extension order: json before png/ppm.
+        assert tar.getnames()[:2] == [f"{4:08d}.json", f"{4:08d}.{fmt}"]
+        stored = Image.open(io.BytesIO(tar.extractfile(f"{4:08d}.{fmt}").read()))
         stored.load()
     expected = Image.open(records[4].path).convert("RGB").resize((32, 64), Image.BILINEAR)
     assert stored.format == fmt.upper() and stored.size == (32, 64)
@@ -200,6 +201,7 @@ def test_different_dataset_is_refused_without_overwrite(parsed, dataset_root: Pa
     assert manifest["num_train_ids"] == 3
     # The old set's extra shards are gone; only the new set's files remain.
     listed = {MANIFEST_NAME, ".verified.json"} | {e["index"]["file"] for e in manifest["splits"].values()} | {
+        e["shardlist"]["file"] for e in manifest["splits"].values()} | {
         s["file"] for e in manifest["splits"].values() for s in e["shards"]}
     assert {p.name for p in out.iterdir()} == listed
 

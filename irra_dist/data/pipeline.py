@@ -12,8 +12,9 @@ Training (:class:`TrainLoader`):
 - Augmentation and MLM masking of the sample at position p of the epoch draw from generators seeded by
   ``(seed, epoch, p)``, never from worker or rank state: one process with batch 2B and two with B each see
   the same samples with identical pixels and masks.
-- Records are read by byte offset from the tars (one ``pread`` per sample, one open file per shard per
-  worker); decoding, augmentation, tokenisation and masking run in DataLoader workers.
+- Records are read by position through ``wids`` (indexed, memory-mapped tars; each DataLoader worker keeps its
+  own open shards); decoding, augmentation, tokenisation and masking run in DataLoader workers. Remote sets
+  (``http(s)://``, ``pipe:``) are read from a verified local cache (:mod:`irra_dist.data.sources`).
 - A corrupt image or a cut-short record is skipped with a rate-limited warning: its batch has one row
   fewer, and :attr:`TrainLoader.skipped` counts it (summed over workers; per rank).
 
@@ -43,6 +44,7 @@ from irra_dist.data.shards import (
     VerifyMode,
     load_manifest,
 )
+from irra_dist.data.sources import ShardStore
 from irra_dist.data.transforms import DECODE_ERRORS, decode_image, test_transform, train_transform
 from irra_dist.masking import mask_tokens
 from irra_dist.tokenizer import CONTEXT_LENGTH, default_tokenizer, tokenize
@@ -127,6 +129,32 @@ def _check_image_size(manifest: dict[str, Any], image_size: tuple[int, int], sha
     return size
 
 
+def open_split(shards_dir: str | os.PathLike, split: str, *, verify: VerifyMode = True,
+               cache_dir: str | os.PathLike | None = None, cache_max_gb: float | None = None,
+               ) -> tuple[dict[str, Any], SplitIndex]:
+    """The manifest and one split's index of a local or remote shard set, checked before any loading.
+
+    For a remote set whose split fits in the cache, every shard is fetched and verified here, so that a
+    404, a truncated transfer or a hash mismatch stops the run before its first step.
+
+    Raises:
+        ShardError: see :func:`irra_dist.data.shards.load_manifest` and :meth:`ShardStore.shard_path`.
+    """
+    cap = None if cache_max_gb is None else int(cache_max_gb * 2**30)
+    store = ShardStore(shards_dir, cache_dir=cache_dir, cache_max_bytes=cap)
+    manifest = load_manifest(shards_dir, verify, store=store)
+    index = SplitIndex.load(shards_dir, manifest, split, store=store)
+    if store.remote and (cap is None or sum(e["bytes"] for e in index.shard_entries) <= cap):
+        for entry in index.shard_entries:
+            store.shard_path(entry["file"], entry["bytes"], entry["sha256"])
+    return manifest, index
+
+
+def _fatal(items: list[dict[str, Any] | None]) -> str | None:
+    """The message of a fatal error (a remote shard that cannot be fetched) reported by a worker, if any."""
+    return next((item["fatal"] for item in items if item is not None and "fatal" in item), None)
+
+
 def _stack(items: list[dict[str, Any]], key: str, empty_shape: tuple[int, ...], dtype: torch.dtype,
            ) -> torch.Tensor:
     if not items:
@@ -160,6 +188,8 @@ class _TrainDataset(Dataset):
             image_bytes, meta_bytes = self.reader.read(record)
             caption = json.loads(meta_bytes)["captions"][int(self.sample_caption[sample])]
             image = decode_image(image_bytes)
+        except ShardError as err:  # not a bad sample: a shard that cannot be fetched stops the run
+            return {"fatal": str(err)}
         except _READ_ERRORS as err:
             _warn_skip(f"train sample {sample} (record {record} in "
                        f"{index.shard_files[int(index.shard[record])]}) is unreadable: {err}")
@@ -183,6 +213,8 @@ class _TrainCollate:
         self.image_size, self.mlm, self.mask_global_text = image_size, mlm, mask_global_text
 
     def __call__(self, items: list[dict[str, Any] | None]) -> dict[str, Any]:
+        if (fatal := _fatal(items)) is not None:
+            return {"fatal": fatal}
         good = [item for item in items if item is not None]
         n = len(good)
         batch: dict[str, Any] = {
@@ -296,7 +328,8 @@ class TrainLoader:
                  image_size: tuple[int, int] = (384, 128), image_aug: bool = True,
                  sampler: Literal["random", "identity"] = "random", num_instances: int = 4,
                  drop_last: bool = False, mlm: bool = True, mask_global_text: bool = True,
-                 verify: VerifyMode = True, pin_memory: bool = False, prefetch_factor: int = 2) -> None:
+                 verify: VerifyMode = True, pin_memory: bool = False, prefetch_factor: int = 2,
+                 cache_dir: str | os.PathLike | None = None, cache_max_gb: float | None = None) -> None:
         """Open the shard set, check it against its manifest, and set up (not start) the workers.
 
         Args:
@@ -318,6 +351,8 @@ class TrainLoader:
             verify: shard check before loading, see :func:`irra_dist.data.shards.load_manifest`.
             pin_memory: pin batches for faster host-to-GPU copies.
             prefetch_factor: batches prefetched per worker.
+            cache_dir: local cache of a remote set's shards (default ``~/.cache/irra_dist/shards``).
+            cache_max_gb: size cap of that cache (None: none).
 
         Raises:
             ShardError: missing or mismatching shards, or pre-resized images of another size.
@@ -334,9 +369,9 @@ class TrainLoader:
                              "data.num_instances or raise the batch size")
         if num_workers < 0:
             raise ValueError(f"num_workers must be >= 0, got {num_workers}")
-        self.manifest = load_manifest(shards_dir, verify)
+        self.manifest, index = open_split(shards_dir, "train", verify=verify, cache_dir=cache_dir,
+                                          cache_max_gb=cache_max_gb)
         image_size = _check_image_size(self.manifest, image_size, shards_dir)
-        index = SplitIndex.load(shards_dir, self.manifest, "train")
         # Images without captions give no sample, so count captions, not images.
         if int(index.num_captions.sum()) == 0:
             raise ShardError(f"{shards_dir} has no training captions: rebuild the shards from a dataset with "
@@ -377,6 +412,10 @@ class TrainLoader:
             raise ValueError(f"epochs are 1-based, got {epoch}")
         self._batches.epoch = epoch
 
+    def num_batches(self, epoch: int) -> int:
+        """Number of global batches in `epoch` (the identity sampler's count varies by epoch)."""
+        return len(self._batches.plan(epoch)[1])
+
     def global_batches(self, epoch: int | None = None) -> list[np.ndarray]:
         """The sample indices of every global batch of an epoch (all ranks), without loading anything.
 
@@ -393,6 +432,8 @@ class TrainLoader:
     def __iter__(self) -> Iterator[dict[str, Any]]:
         self._batches.start_batch, self.start_batch = self.start_batch, 0
         for batch in self._loader:
+            if "fatal" in batch:
+                raise ShardError(batch["fatal"])
             self.skipped += batch.pop("num_skipped")
             yield batch
 
@@ -448,6 +489,8 @@ class _GalleryDataset(Dataset):
         index = self.reader.index
         try:
             image = decode_image(self.reader.read(record)[0])
+        except ShardError as err:
+            return {"fatal": str(err)}
         except _READ_ERRORS as err:
             _warn_skip(f"{index.split} gallery image {record} is unreadable: {err}")
             return None
@@ -469,6 +512,8 @@ class _QueryDataset(Dataset):
         record = int(self.record[query])
         try:
             caption = self.reader.read_json(record)["captions"][int(self.caption[query])]
+        except ShardError as err:
+            return {"fatal": str(err)}
         except _READ_ERRORS as err:
             _warn_skip(f"{self.reader.index.split} query {query} (record {record}) is unreadable: {err}")
             return None
@@ -480,6 +525,8 @@ class _EvalCollate:
         self.key, self.shape, self.dtype = key, shape, dtype
 
     def __call__(self, items: list[dict[str, Any] | None]) -> dict[str, Any]:
+        if (fatal := _fatal(items)) is not None:
+            return {"fatal": fatal}
         good = [item for item in items if item is not None]
         n = len(good)
         return {self.key: _stack(good, self.key, (n, *self.shape), self.dtype),
@@ -512,6 +559,8 @@ class EvalLoader:
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         for batch in self._loader:
+            if "fatal" in batch:
+                raise ShardError(batch["fatal"])
             self.skipped += batch.pop("num_skipped")
             yield batch
 
@@ -519,7 +568,8 @@ class EvalLoader:
 def build_eval_loaders(shards_dir: str | os.PathLike, split: str = "test", *, rank: int = 0,
                        world_size: int = 1, batch_size: int = 512, num_workers: int = 0,
                        image_size: tuple[int, int] = (384, 128), verify: VerifyMode = True,
-                       pin_memory: bool = False) -> tuple[EvalLoader, EvalLoader]:
+                       pin_memory: bool = False, cache_dir: str | os.PathLike | None = None,
+                       cache_max_gb: float | None = None) -> tuple[EvalLoader, EvalLoader]:
     """Gallery and query loaders of an evaluation split (IRRA_SPEC 3.1, 5): this rank's contiguous part.
 
     Gallery batches hold ``images [b,3,H,W]``, ``pids [b]``, ``index [b]`` (gallery position); query batches
@@ -536,6 +586,8 @@ def build_eval_loaders(shards_dir: str | os.PathLike, split: str = "test", *, ra
         image_size: ``(height, width)``.
         verify: shard check, see :func:`irra_dist.data.shards.load_manifest`.
         pin_memory: pin batches for faster host-to-GPU copies.
+        cache_dir: local cache of a remote set's shards.
+        cache_max_gb: size cap of that cache (None: none).
 
     Returns:
         ``(gallery_loader, query_loader)``.
@@ -546,9 +598,9 @@ def build_eval_loaders(shards_dir: str | os.PathLike, split: str = "test", *, ra
     _check_rank(rank, world_size)
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    manifest = load_manifest(shards_dir, verify)
+    manifest, index = open_split(shards_dir, split, verify=verify, cache_dir=cache_dir,
+                                 cache_max_gb=cache_max_gb)
     size = _check_image_size(manifest, image_size, shards_dir)
-    index = SplitIndex.load(shards_dir, manifest, split)
     common = {"rank": rank, "world_size": world_size, "batch_size": batch_size, "num_workers": num_workers,
               "pin_memory": pin_memory}
     default_tokenizer()

@@ -3,42 +3,52 @@
 Layout of a shard folder (``irra-build-shards --out DIR``)::
 
     DIR/manifest.json            written last: its presence marks a complete set
-    DIR/train-000000.tar ...     one tar member group per IMAGE: <key>.<ext> (image) + <key>.json
-    DIR/train-index.json         per record: shard, byte offsets and sizes of both members, pid, image_id,
-                                 number of captions (so loaders read members by offset, never scan tars)
+    DIR/train-000000.tar ...     one WebDataset sample per IMAGE: <key>.<ext> (image) + <key>.json
+    DIR/train-index.json         per record (image, in shard order): shard number, pid, image_id, number of
+                                 captions (so loaders plan epochs without opening a tar)
+    DIR/train-shards.json        the split's wids shard list (``wids.ShardListDataset("train-shards.json")``)
     DIR/test-*, DIR/val-*        the same for the evaluation splits
 
 A record's json member holds ``pid``, ``image_id``, ``rel_path`` and ``captions``. Keys are the record's
-position in its split (``%08d``), so the shards are plain WebDataset tars that any tar-based reader can use.
-Images are the original file bytes, or with ``pre_resize`` the image converted to RGB and resized to the
-training size with bilinear (as the official Resize), stored losslessly as PNG or raw PPM; resizing such an
-image to the same size again is the identity, so training pixels are the same either way.
+position in its split (``%08d``). The tars are written by ``webdataset.TarWriter`` and read by ``wids``, so
+``webdataset.WebDataset(urls).decode("pil")`` or ``wids.ShardListDataset`` read a set with no irra_dist code;
+a set written by other tools in this layout becomes trainable once
+``irra-build-shards --index-only --out DIR`` has written its index files and manifest. Images are the
+original file bytes, or with ``pre_resize`` the image converted to RGB and resized to the training size
+with bilinear (as the official Resize), stored losslessly as PNG or raw PPM; resizing such an image to the
+same size again is the identity, so training pixels are the same either way.
 
 Builds are deterministic (fixed member order, mtime 0, uid/gid 0, no user names, USTAR headers, no
 timestamps in the manifest): the same input gives byte-identical files. Every file is written under a
 temporary name and renamed when complete; an existing manifest is removed before anything else is written
 and the new one is written last, so an interrupted build never leaves a set that looks complete.
+
+``data.shards`` may also be an ``http(s)://`` URL or a ``pipe:`` command (see :mod:`irra_dist.data.sources`):
+remote shards are fetched into a local cache and verified against the manifest's hashes.
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import hashlib
 import io
 import json
 import logging
 import os
 import re
+import struct
 import sys
-import tarfile
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
+import webdataset as wds
+import wids
 from PIL import Image
 from tqdm import tqdm
 
@@ -51,12 +61,15 @@ from irra_dist.data.parsers import (
     carve_val_identities,
     parse_dataset,
 )
+from irra_dist.data.sources import ShardError, ShardStore, SourceError
 
 logger = logging.getLogger(__name__)
 
 FORMAT_NAME = "irra_dist.shards"
-BUILDER_VERSION = 1
-"""Bumped whenever the shard layout changes; loaders refuse sets built by a newer builder."""
+BUILDER_VERSION = 2
+"""Bumped whenever the shard layout changes; loaders refuse sets built by a newer builder. Version 2 writes
+through webdataset's TarWriter (members of a sample in extension order) and adds the wids shard lists; the
+loaders still read version-1 sets (their index files hold the columns version 2 needs)."""
 MANIFEST_NAME = "manifest.json"
 DEFAULT_SHARD_SIZE = 512
 """Images per shard: 67 train shards for CUHK-PEDES (34,054 images), enough to spread over many workers."""
@@ -69,18 +82,17 @@ fast, for files about 15% larger."""
 
 _REBUILD_HINT = "rebuild it with irra-build-shards --dataset NAME --root DIR --out {out} --overwrite"
 _SHARD_RE = re.compile(r"^(train|val|test)-\d{6}\.tar$")
-_INDEX_RE = re.compile(r"^(train|val|test)-index\.json$")
+_INDEX_RE = re.compile(r"^(train|val|test)-(index|shards)\.json$")
 _TMP_RE = re.compile(r"^\..+\.tmp$")
 _VERIFIED_STAMP = ".verified.json"
-_BLOCK = 512
-_INDEX_COLUMNS = ("shard", "image_offset", "image_size", "json_offset", "json_size", "pid", "image_id",
-                  "num_captions")
+_INDEX_COLUMNS = ("shard", "pid", "image_id", "num_captions")
+_TAR_DEFAULTS = {"user": "", "group": "", "mode": 0o644, "mtime": 0}
+"""Fixed member metadata for webdataset's TarWriter, so that rebuilds are byte-identical."""
+OPEN_SHARDS = 128
+"""Shards each reading process keeps open (wids' LRU): all 67 train shards of CUHK-PEDES at the default size;
+beyond it, random access re-opens and re-indexes shards (wids warns above 200)."""
 
 VerifyMode = bool | Literal["none", "size", "full"]
-
-
-class ShardError(ValueError):
-    """A shard set that cannot be used or written; one line naming the file and the fix."""
 
 
 class RecordError(OSError):
@@ -89,19 +101,6 @@ class RecordError(OSError):
 
 # --------------------------------------------------------------------------------------------------
 # Writing
-
-
-def _tar_member(name: str, data: bytes) -> bytes:
-    """One tar member (header, data, padding) with fixed metadata, so rebuilds are byte-identical."""
-    info = tarfile.TarInfo(name)
-    info.size = len(data)
-    info.mtime = 0
-    info.mode = 0o644
-    info.uid = info.gid = 0
-    info.uname = info.gname = ""
-    info.type = tarfile.REGTYPE
-    header = info.tobuf(format=tarfile.USTAR_FORMAT, encoding="utf-8", errors="strict")
-    return header + data + b"\0" * (-len(data) % _BLOCK)
 
 
 class _HashingWriter:
@@ -115,6 +114,8 @@ class _HashingWriter:
         self.size = 0
 
     def write(self, data: bytes) -> None:
+        if self._file.closed:
+            return  # an aborted shard: its tar stream may still flush when garbage-collected
         self._file.write(data)
         self._sha.update(data)
         self.size += len(data)
@@ -307,8 +308,7 @@ def build_shards(parsed_or_name: ParsedDataset | str, root: str | os.PathLike | 
         "splits": splits,
     }
     _atomic_write_bytes(out / MANIFEST_NAME, _json_bytes(manifest, indent=1) + b"\n")
-    listed = {MANIFEST_NAME} | {s["index"]["file"] for s in splits.values()} | {
-        shard["file"] for s in splits.values() for shard in s["shards"]}
+    listed = {MANIFEST_NAME} | {entry["file"] for entry in _listed_files(manifest)}
     for stale in _our_files(out):
         if stale.name not in listed:
             stale.unlink()
@@ -320,20 +320,25 @@ def build_shards(parsed_or_name: ParsedDataset | str, root: str | os.PathLike | 
 def _write_split(out: Path, split: str, records: list[ImageRecord], pool: Executor,
                  size: tuple[int, int] | None, fmt: str, shard_size: int, workers: int, skip_bad: bool,
                  build_skipped: list[str], bar: tqdm) -> dict[str, Any]:
-    """Write one split's shards and index file; return its manifest entry."""
+    """Write one split's shards (webdataset ShardWriter), index file and wids shard list; return its entry."""
     columns: dict[str, list[int]] = {name: [] for name in _INDEX_COLUMNS}
     shards: list[dict[str, Any]] = []
-    writer: _HashingWriter | None = None
+    open_files: dict[str, _HashingWriter] = {}
     in_shard = 0
 
-    def close_shard() -> None:
-        nonlocal writer
-        assert writer is not None
-        entry = writer.commit()
+    def open_shard(fname: str) -> _HashingWriter:
+        nonlocal in_shard
+        in_shard = 0
+        open_files[fname] = _HashingWriter(Path(fname))
+        return open_files[fname]
+
+    def close_shard(fname: str) -> None:
+        entry = open_files[fname].commit()
+        del open_files[fname]
         entry["num_records"] = in_shard
         shards.append(entry)
-        writer = None
 
+    writer: wds.ShardWriter | None = None
     pids: set[int] = set()
     num_captions = 0
     try:
@@ -349,40 +354,130 @@ def _write_split(out: Path, split: str, records: list[ImageRecord], pool: Execut
                     raise ShardError(f"{reason}: restore the file, or pass --skip-bad to skip it") from None
                 build_skipped.append(reason)
                 continue
-            if writer is None:
-                writer = _HashingWriter(out / f"{split}-{len(shards):06d}.tar")
-                in_shard = 0
-            key = f"{len(columns['pid']):08d}"
+            if writer is None:  # opened on the first image, so an empty split writes no empty tar
+                writer = wds.ShardWriter(str(out / f"{split}-%06d.tar"), maxcount=shard_size,
+                                         maxsize=float("inf"), verbose=0, opener=open_shard, post=close_shard,
+                                         encoder=False, **_TAR_DEFAULTS)
             meta = _json_bytes({"pid": record.pid, "image_id": record.image_id, "rel_path": record.rel_path,
                                 "captions": list(record.captions)})
+            # ShardWriter closes a full shard (close_shard) and opens the next (open_shard) on its own.
+            writer.write({"__key__": f"{len(columns['pid']):08d}", ext: image, "json": meta})
+            in_shard += 1
             columns["shard"].append(len(shards))
-            columns["image_offset"].append(writer.size + _BLOCK)
-            columns["image_size"].append(len(image))
-            writer.write(_tar_member(f"{key}.{ext}", image))
-            columns["json_offset"].append(writer.size + _BLOCK)
-            columns["json_size"].append(len(meta))
-            writer.write(_tar_member(f"{key}.json", meta))
             columns["pid"].append(record.pid)
             columns["image_id"].append(record.image_id)
             columns["num_captions"].append(len(record.captions))
             pids.add(record.pid)
             num_captions += len(record.captions)
-            in_shard += 1
-            if in_shard == shard_size:
-                writer.write(b"\0" * (2 * _BLOCK))  # tar end-of-archive marker
-                close_shard()
         if writer is not None:
-            writer.write(b"\0" * (2 * _BLOCK))
-            close_shard()
+            writer.close()
     except BaseException:
-        if writer is not None:
-            writer.abort()
+        for pending in open_files.values():
+            pending.abort()
         raise
 
+    return _split_entry(out, split, shards, columns, num_ids=len(pids), num_captions=num_captions)
+
+
+def _split_entry(out: Path, split: str, shards: list[dict[str, Any]], columns: dict[str, list[int]], *,
+                 num_ids: int, num_captions: int) -> dict[str, Any]:
+    """Write a split's index file and wids shard list; return the split's manifest entry."""
     index = {"split": split, "shards": [s["file"] for s in shards], **columns}
-    index_entry = _atomic_write_bytes(out / f"{split}-index.json", _json_bytes(index))
-    return {"num_ids": len(pids), "num_images": len(columns["pid"]), "num_captions": num_captions,
-            "num_samples": num_captions, "index": index_entry, "shards": shards}
+    entry = {"num_ids": num_ids, "num_images": len(columns["pid"]), "num_captions": num_captions,
+             "num_samples": num_captions,
+             "index": _atomic_write_bytes(out / f"{split}-index.json", _json_bytes(index)),
+             "shards": shards}
+    if shards:  # wids refuses an empty shard list
+        shardlist = {"wids_version": 1, "name": split,
+                     "shardlist": [{"url": s["file"], "nsamples": s["num_records"], "filesize": s["bytes"]}
+                                   for s in shards]}
+        entry["shardlist"] = _atomic_write_bytes(out / f"{split}-shards.json",
+                                                 _json_bytes(shardlist, indent=1))
+    return entry
+
+
+def index_shards(shards_dir: str | os.PathLike, *, dataset: str | None = None) -> dict[str, Any]:
+    """Write the index files, wids shard lists and manifest for tars that another tool wrote.
+
+    The tars must follow the documented layout: files ``<split>-*.tar`` (split train, val or test; read in
+    name order) in `shards_dir`, each sample one image member plus ``<key>.json`` holding an integer
+    ``pid`` and a list of ``captions`` (``image_id`` and ``rel_path`` optional). Samples are grouped by
+    wids' own reader, so the counts recorded here are the ones the loaders see.
+
+    Args:
+        shards_dir: the folder holding the tars (the manifest is written there).
+        dataset: the name recorded in the manifest (default: the folder name).
+
+    Returns:
+        The manifest, as written.
+
+    Raises:
+        ShardError: no train tars, or a sample that does not follow the layout (named with its shard).
+    """
+    out = Path(shards_dir)
+    tars = {split: sorted(p for p in out.glob(f"{split}-*.tar") if p.is_file()) for split in SPLITS} \
+        if out.is_dir() else {}
+    if not tars or not tars["train"]:
+        raise ShardError(f"no train-*.tar in {out}: put the shards there named <split>-NNNNNN.tar (split "
+                         "train, val or test)")
+    (out / MANIFEST_NAME).unlink(missing_ok=True)
+    splits: dict[str, Any] = {}
+    train_pids: set[int] = set()
+    for split in SPLITS:
+        columns: dict[str, list[int]] = {name: [] for name in _INDEX_COLUMNS}
+        shards: list[dict[str, Any]] = []
+        pids: set[int] = set()
+        num_captions = 0
+        for path in tars[split]:
+            samples = wids.wids.IndexedTarSamples(path=str(path))
+            try:
+                for i in range(len(samples)):
+                    members = samples[i]
+                    try:
+                        meta = json.loads(members[".json"].read())
+                        pid, captions = int(meta["pid"]), meta["captions"]
+                        if not isinstance(captions, list) or not all(isinstance(c, str) for c in captions):
+                            raise TypeError("captions is not a list of strings")
+                        images = [k for k in members if not k.startswith("__") and k != ".json"]
+                        if len(images) != 1:
+                            raise ValueError(f"{len(images)} image members")
+                        image_id = int(meta.get("image_id", len(columns["pid"])))
+                    except (KeyError, ValueError, TypeError, AttributeError) as err:
+                        raise ShardError(f"{path}: sample {members['__key__']!r} does not follow the layout "
+                                         f"({err}): each sample needs one image and <key>.json with an "
+                                         "integer pid and a list of captions") from None
+                    columns["shard"].append(len(shards))
+                    columns["pid"].append(pid)
+                    columns["image_id"].append(image_id)
+                    columns["num_captions"].append(len(captions))
+                    pids.add(pid)
+                    num_captions += len(captions)
+                num_records = len(samples)
+            finally:
+                samples.close()
+            shards.append({"file": path.name, "bytes": path.stat().st_size, "sha256": _sha256_file(path),
+                           "num_records": num_records})
+        splits[split] = _split_entry(out, split, shards, columns, num_ids=len(pids),
+                                     num_captions=num_captions)
+        if split == "train":
+            train_pids = pids
+    manifest = {
+        "format": FORMAT_NAME,
+        "builder_version": BUILDER_VERSION,
+        "dataset": dataset or out.resolve().name,
+        "annotation_file": None,
+        "annotation_sha256": None,
+        "image_format": "original",
+        "image_size": None,
+        "shard_size": max(s["num_records"] for e in splits.values() for s in e["shards"]),
+        # Pids are class indices: the classifier needs max + 1 outputs even if some pids are unused.
+        "num_train_ids": max(train_pids) + 1 if train_pids else 0,
+        "num_skipped": 0,
+        "indexed_only": True,
+        "splits": splits,
+    }
+    _atomic_write_bytes(out / MANIFEST_NAME, _json_bytes(manifest, indent=1) + b"\n")
+    return manifest
 
 
 # --------------------------------------------------------------------------------------------------
@@ -407,6 +502,8 @@ def _sha256_file(path: Path) -> str:
 def _listed_files(manifest: dict[str, Any]) -> Iterable[dict[str, Any]]:
     for split in manifest["splits"].values():
         yield split["index"]
+        if "shardlist" in split:
+            yield split["shardlist"]
         yield from split["shards"]
 
 
@@ -415,15 +512,44 @@ def _stamp_for(manifest_bytes: bytes, files: list[tuple[Path, os.stat_result]]) 
             "files": {p.name: [st.st_size, st.st_mtime_ns] for p, st in files}}
 
 
-def load_manifest(shards_dir: str | os.PathLike, verify: VerifyMode = True) -> dict[str, Any]:
+def _parse_manifest(raw: bytes, where: str, hint: str) -> dict[str, Any]:
+    try:
+        manifest = json.loads(raw)
+        ok = manifest.get("format") == FORMAT_NAME and isinstance(manifest.get("splits"), dict)
+    except (ValueError, AttributeError):
+        ok = False
+    if not ok:
+        raise ShardError(f"{where} is not an irra_dist shard manifest: {hint}")
+    if manifest.get("builder_version", 0) > BUILDER_VERSION:
+        raise ShardError(f"{where} was written by a newer shard builder (version "
+                         f"{manifest['builder_version']} > {BUILDER_VERSION}): update irra_dist or {hint}")
+    return manifest
+
+
+def _load_remote_manifest(store: ShardStore) -> dict[str, Any]:
+    url = store.url(MANIFEST_NAME)
+    try:
+        raw = store.read_bytes(MANIFEST_NAME)
+    except SourceError as err:
+        raise ShardError(f"cannot read {MANIFEST_NAME} of data.shards {store.location}: {err}: check the URL "
+                         "or command and the network, and that the whole shard folder (manifest included) is "
+                         "there") from None
+    return _parse_manifest(raw, url, "rebuild the set with irra-build-shards and upload the whole folder")
+
+
+def load_manifest(shards_dir: str | os.PathLike, verify: VerifyMode = True, *,
+                  store: ShardStore | None = None) -> dict[str, Any]:
     """Read ``manifest.json`` and check the shard files against it, before any training starts.
 
     Args:
-        shards_dir: the folder written by :func:`build_shards`.
+        shards_dir: the folder written by :func:`build_shards`, or an ``http(s)://``/``pipe:`` location
+            (:mod:`irra_dist.data.sources`); remote files are verified when fetched, so `verify` only
+            concerns local sets.
         verify: ``"size"`` (or True): every listed file exists with its recorded byte size;
             ``"full"``: also its SHA-256 (slow for big sets; a passing result is cached in
             ``.verified.json`` and reused while sizes and mtimes are unchanged); ``"none"`` (or False):
             existence only.
+        store: the set's :class:`ShardStore` (built from `shards_dir` when None).
 
     Returns:
         The manifest dict.
@@ -433,6 +559,9 @@ def load_manifest(shards_dir: str | os.PathLike, verify: VerifyMode = True) -> d
             missing or mismatching file; the message names the file and says to rebuild.
     """
     mode = _normalize_verify(verify)
+    store = store if store is not None else ShardStore(shards_dir)
+    if store.remote:
+        return _load_remote_manifest(store)
     folder = Path(shards_dir)
     path = folder / MANIFEST_NAME
     hint = _REBUILD_HINT.format(out=folder)
@@ -441,16 +570,7 @@ def load_manifest(shards_dir: str | os.PathLike, verify: VerifyMode = True) -> d
         raise ShardError(f"no {MANIFEST_NAME} in {folder} ({why}): build the shards with irra-build-shards "
                          f"--dataset NAME --root DIR --out {folder}")
     raw = path.read_bytes()
-    try:
-        manifest = json.loads(raw)
-        ok = manifest.get("format") == FORMAT_NAME and isinstance(manifest.get("splits"), dict)
-    except (ValueError, AttributeError):
-        ok = False
-    if not ok:
-        raise ShardError(f"{path} is not an irra_dist shard manifest: {hint}")
-    if manifest.get("builder_version", 0) > BUILDER_VERSION:
-        raise ShardError(f"{path} was written by a newer shard builder (version "
-                         f"{manifest['builder_version']} > {BUILDER_VERSION}): update irra_dist or {hint}")
+    manifest = _parse_manifest(raw, str(path), hint)
     checked: list[tuple[Path, os.stat_result]] = []
     for entry in _listed_files(manifest):
         file = folder / entry["file"]
@@ -484,113 +604,153 @@ def load_manifest(shards_dir: str | os.PathLike, verify: VerifyMode = True) -> d
 
 @dataclass
 class SplitIndex:
-    """Where each record of one split lives in the shards, plus its pid, image id and caption count.
+    """Which shard holds each record of one split, plus its pid, image id and caption count.
 
-    All columns are int64 arrays of one entry per record (image), in shard order.
+    All columns are int64 arrays of one entry per record (image), in shard order; a record's position in
+    the split is its index in the split's wids dataset.
     """
 
-    shards_dir: Path
+    shards_dir: Path | str
     split: str
     shard_files: list[str]
     shard: np.ndarray
-    image_offset: np.ndarray
-    image_size: np.ndarray
-    json_offset: np.ndarray
-    json_size: np.ndarray
     pid: np.ndarray
     image_id: np.ndarray
     num_captions: np.ndarray
+    shard_entries: list[dict[str, Any]] = field(default_factory=list)
+    """The manifest's entries of the shards (file, bytes, sha256, num_records), in order."""
+    store: ShardStore | None = None
 
     def __len__(self) -> int:
         return len(self.pid)
 
     @classmethod
-    def load(cls, shards_dir: str | os.PathLike, manifest: dict[str, Any], split: str) -> SplitIndex:
+    def load(cls, shards_dir: str | os.PathLike, manifest: dict[str, Any], split: str, *,
+             store: ShardStore | None = None) -> SplitIndex:
         """Read one split's index file and check it against the manifest's per-shard record counts.
 
         Raises:
             ShardError: the split is not in the manifest, or the index disagrees with it.
         """
-        folder = Path(shards_dir)
-        hint = _REBUILD_HINT.format(out=folder)
+        store = store if store is not None else ShardStore(shards_dir)
+        location = shards_dir if store.remote else Path(shards_dir)
+        hint = _REBUILD_HINT.format(out=location)
         if split not in manifest["splits"]:
-            raise ShardError(f"split {split!r} is not in {folder / MANIFEST_NAME} (has "
+            raise ShardError(f"split {split!r} is not in {store.url(MANIFEST_NAME)} (has "
                              f"{', '.join(manifest['splits'])}): choose one of those or {hint}")
         entry = manifest["splits"][split]
-        path = folder / entry["index"]["file"]
+        where = store.url(entry["index"]["file"])
         try:
-            data = json.loads(path.read_bytes())
+            raw = store.read_bytes(entry["index"]["file"])
+            if store.remote and hashlib.sha256(raw).hexdigest() != entry["index"]["sha256"]:
+                raise ValueError("hash mismatch")
+            data = json.loads(raw)
             columns = {name: np.asarray(data[name], dtype=np.int64) for name in _INDEX_COLUMNS}
             shard_files = list(data["shards"])
-        except (OSError, ValueError, KeyError, TypeError):
-            raise ShardError(f"{path} is unreadable: {hint}") from None
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            raise ShardError(f"{where} is unreadable ({err}): {hint}") from None
         listed = [s["file"] for s in entry["shards"]]
         counts = np.bincount(columns["shard"], minlength=len(listed)) if len(columns["shard"]) else np.zeros(
             len(listed), dtype=np.int64)
         expected = [s["num_records"] for s in entry["shards"]]
         lengths = {len(c) for c in columns.values()}
         if shard_files != listed or lengths != {entry["num_images"]} or counts.tolist() != expected:
-            raise ShardError(f"{path} does not match the record counts in {MANIFEST_NAME}: {hint}")
-        return cls(folder, split, shard_files, **columns)
+            raise ShardError(f"{where} does not match the record counts in {MANIFEST_NAME}: {hint}")
+        return cls(location, split, shard_files, **columns, shard_entries=list(entry["shards"]), store=store)
+
+
+class _StoreShards(wids.wids.LRUShards):
+    """wids' LRU of open, indexed shards, opening each through the :class:`ShardStore` (the local file, or a
+    fetched, verified, cached copy) instead of wids' downloader (see :mod:`irra_dist.data.sources`)."""
+
+    def __init__(self, lru_size: int, shard_path: Callable[[str], Path]) -> None:
+        super().__init__(lru_size, localname=shard_path)
+        self._shard_path = shard_path
+
+    def get_shard(self, url: str) -> wids.wids.IndexedTarSamples:
+        self.accesses += 1
+        if url not in self.lru:
+            path = self._shard_path(url)
+            try:
+                self.lru[url] = wids.wids.IndexedTarSamples(path=str(path))
+            except (struct.error, ValueError, UnicodeDecodeError) as err:  # a cut or garbled tar header
+                raise RecordError(f"{url} cannot be indexed as a tar file ({err})") from None
+            self.misses += 1
+        return self.lru[url]
 
 
 class RecordReader:
-    """Reads one record's members by byte offset (one ``pread``), keeping one open file per shard.
+    """Reads records (image + json members) of one split by position, through ``wids.ShardListDataset``.
 
-    File handles are opened lazily in the process that reads, so each DataLoader worker has its own; they
-    are not pickled.
+    The wids dataset (its open, memory-mapped shards) is made lazily in the process that reads, so each
+    DataLoader worker has its own; it is not pickled.
     """
 
-    def __init__(self, index: SplitIndex) -> None:
+    def __init__(self, index: SplitIndex, open_shards: int = OPEN_SHARDS) -> None:
         self.index = index
-        self._fds: dict[int, int] = {}
+        self.open_shards = max(1, min(open_shards, len(index.shard_files)))
+        self._entries = {e["file"]: e for e in index.shard_entries}
+        self._wids: wids.ShardListDataset | None = None
+        self._owner = -1
 
     def __getstate__(self) -> dict[str, Any]:
-        return {"index": self.index, "_fds": {}}
+        return {**self.__dict__, "_wids": None, "_owner": -1}
 
-    def _fd(self, shard: int) -> int:
-        fd = self._fds.get(shard)
-        if fd is None:
-            fd = os.open(self.index.shards_dir / self.index.shard_files[shard], os.O_RDONLY)
-            self._fds[shard] = fd
-        return fd
+    def _shard_path(self, name: str) -> Path:
+        entry = self._entries.get(name)
+        store = self.index.store or ShardStore(self.index.shards_dir)
+        if entry is None:  # an index without manifest entries (tests build some by hand)
+            return store.local_path(name)
+        return store.shard_path(name, int(entry["bytes"]), str(entry["sha256"]))
 
-    def _pread(self, shard: int, offset: int, size: int, record: int) -> bytes:
-        data = os.pread(self._fd(shard), size, offset)
-        if len(data) != size:
-            raise RecordError(f"record {record} of {self.index.shard_files[shard]} is cut short "
-                              f"({len(data)} of {size} bytes; truncated shard)")
-        return data
+    def _dataset(self) -> wids.ShardListDataset:
+        if self._wids is None or self._owner != os.getpid():
+            counts = np.bincount(self.index.shard, minlength=len(self.index.shard_files)).tolist()
+            shardlist = [{"url": name, "nsamples": n} for name, n in zip(self.index.shard_files, counts)]
+            with contextlib.redirect_stderr(io.StringIO()):  # wids prints a summary line per dataset
+                dataset = wids.ShardListDataset(shardlist, transformations=[], lru_size=self.open_shards,
+                                                localname=str)
+            dataset.cache = _StoreShards(self.open_shards, self._shard_path)
+            self._wids, self._owner = dataset, os.getpid()
+        return self._wids
+
+    def sample(self, record: int) -> dict[str, bytes]:
+        """The members of record `record` as ``{extension: bytes}`` (e.g. ``{"jpg": ..., "json": ...}``).
+
+        Raises:
+            RecordError: the shard is cut short or garbled where the record lies.
+            ShardError: a remote shard cannot be fetched or fails verification.
+            OSError: the shard cannot be opened or read.
+        """
+        try:
+            raw = self._dataset()[int(record)]
+        except (AssertionError, IndexError, struct.error, UnicodeDecodeError) as err:
+            raise RecordError(f"record {record} of the {self.index.split} split cannot be read ({err})",
+                              ) from None
+        return {k.lstrip("."): v.getvalue() for k, v in raw.items() if not k.startswith("__")}
 
     def read(self, record: int) -> tuple[bytes, bytes]:
         """Return ``(image bytes, json bytes)`` of record `record`.
 
         Raises:
-            RecordError: the shard ends before the record does.
-            OSError: the shard cannot be opened or read.
+            KeyError: the record has no json or no image member.
+            RecordError, ShardError, OSError: see :meth:`sample`.
         """
-        ix = self.index
-        img_off, img_len = int(ix.image_offset[record]), int(ix.image_size[record])
-        js_off, js_len = int(ix.json_offset[record]), int(ix.json_size[record])
-        start, end = min(img_off, js_off), max(img_off + img_len, js_off + js_len)
-        span = self._pread(int(ix.shard[record]), start, end - start, record)
-        return (span[img_off - start:img_off - start + img_len], span[js_off - start:js_off - start + js_len])
+        members = self.sample(record)
+        meta = members.pop("json")
+        if len(members) != 1:
+            raise KeyError(f"record {record} has {len(members)} image members ({', '.join(members)}), "
+                           "not one")
+        return next(iter(members.values())), meta
 
     def read_json(self, record: int) -> dict[str, Any]:
         """Return the decoded json member of record `record` (its captions, pid, ...)."""
-        ix = self.index
-        data = self._pread(int(ix.shard[record]), int(ix.json_offset[record]), int(ix.json_size[record]),
-                           record)
-        return json.loads(data)
+        return json.loads(self.sample(record)["json"])
 
     def close(self) -> None:
-        for fd in self._fds.values():
-            os.close(fd)
-        self._fds.clear()
-
-    def __del__(self) -> None:
-        self.close()
-
+        if self._wids is not None:
+            self._wids.close()
+            self._wids = None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -601,8 +761,9 @@ def _arg_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="irra-build-shards",
         description="Write a person-retrieval dataset as WebDataset tar shards plus manifest.json.")
-    parser.add_argument("--dataset", required=True, help="CUHK-PEDES, ICFG-PEDES or RSTPReid (or an alias)")
-    parser.add_argument("--root", required=True, help="the dataset folder, or the data root holding it")
+    parser.add_argument("--dataset", help="CUHK-PEDES, ICFG-PEDES or RSTPReid (or an alias); with "
+                        "--index-only, the name recorded in the manifest")
+    parser.add_argument("--root", help="the dataset folder, or the data root holding it")
     parser.add_argument("--out", default=None, help="destination folder (default: shards/<dataset>)")
     parser.add_argument("--shard-size", type=int, default=DEFAULT_SHARD_SIZE, help="images per shard")
     parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
@@ -618,6 +779,9 @@ def _arg_parser() -> argparse.ArgumentParser:
     parser.add_argument("--skip-bad", action="store_true", help="skip bad records instead of stopping")
     parser.add_argument("--overwrite", action="store_true", help="replace another dataset's shards in --out")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--index-only", action="store_true",
+                        help="write only the index files and manifest for the <split>-*.tar already in --out "
+                             "(shards written by another tool in the documented layout)")
     return parser
 
 
@@ -627,25 +791,43 @@ def main(argv: list[str] | None = None) -> int:
     Returns:
         0 on success, 2 on bad input (one ``error:`` line on stderr).
     """
-    args = _arg_parser().parse_args(argv)
+    parser = _arg_parser()
+    args = parser.parse_args(argv)
+    if args.index_only and not args.out:
+        parser.error("--index-only needs --out DIR, the folder holding the tars")
+    if not args.index_only and not (args.dataset and args.root):
+        parser.error("the following arguments are required: --dataset, --root")
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
-        parsed = carve_val_identities(parse_dataset(args.dataset, args.root, skip_bad=args.skip_bad),
-                                      args.val_ids)
-        out = Path(args.out) if args.out else Path("shards") / parsed.name
-        print(parsed.table())
-        manifest = build_shards(parsed, None, out, shard_size=args.shard_size, workers=args.workers,
-                                pre_resize=args.pre_resize, pre_resize_format=args.pre_resize_format,
-                                overwrite=args.overwrite, skip_bad=args.skip_bad,
-                                progress=not args.no_progress)
+        if args.index_only:
+            out = Path(args.out)
+            manifest = index_shards(out, dataset=args.dataset)
+        else:
+            out, manifest = _build_from_args(args)
     except (ShardError, DatasetError, DatasetNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    _print_summary(out, manifest)
+    return 0
+
+
+def _build_from_args(args: argparse.Namespace) -> tuple[Path, dict[str, Any]]:
+    """Parse the dataset, print its table, write the shards; returns (out folder, manifest)."""
+    parsed = parse_dataset(args.dataset, args.root, skip_bad=args.skip_bad)
+    parsed = carve_val_identities(parsed, args.val_ids)
+    out = Path(args.out) if args.out else Path("shards") / parsed.name
+    print(parsed.table())
+    manifest = build_shards(parsed, None, out, shard_size=args.shard_size, workers=args.workers,
+                            pre_resize=args.pre_resize, pre_resize_format=args.pre_resize_format,
+                            overwrite=args.overwrite, skip_bad=args.skip_bad, progress=not args.no_progress)
+    return out, manifest
+
+
+def _print_summary(out: Path, manifest: dict[str, Any]) -> None:
     for split, entry in manifest["splits"].items():
         size = sum(s["bytes"] for s in entry["shards"])
         print(f"{split}: {len(entry['shards'])} shards, {entry['num_images']} images, "
               f"{entry['num_captions']} captions, {size / 2**20:.1f} MiB")
     print(f"wrote {out / MANIFEST_NAME} ({manifest['num_train_ids']} train ids, "
           f"{manifest['num_skipped']} skipped)")
-    return 0

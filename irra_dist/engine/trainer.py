@@ -31,7 +31,9 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from irra_dist.config import Config, ConfigError, dump_config, save_config
 from irra_dist.data.pipeline import TrainLoader, build_eval_loaders
-from irra_dist.data.shards import MANIFEST_NAME, ShardError, load_manifest
+from irra_dist.data.shards import MANIFEST_NAME, ShardError
+from irra_dist.data.sources import is_remote
+from irra_dist.data.streaming import StreamTrainLoader
 from irra_dist.distributed import all_reduce_sum, gather_columns, require_differentiable_gather
 from irra_dist.engine.accel import build_accelerator, ddp_ignores_buffers
 from irra_dist.engine.checkpointing import (
@@ -160,6 +162,25 @@ def generates_demo_data(cfg: Config) -> bool:
     return bool(own) and os.path.abspath(own) == os.path.abspath(cfg.data.shards)
 
 
+def _cache_args(cfg: Config) -> dict[str, Any]:
+    """Where remote shards are cached (data.cache_dir, data.cache_max_gb; 0 means no cap)."""
+    return {"cache_dir": cfg.data.cache_dir or None, "cache_max_gb": cfg.data.cache_max_gb or None}
+
+
+def build_train_loader(cfg: Config, accelerator: Accelerator) -> TrainLoader | StreamTrainLoader:
+    """This rank's training loader: indexed (wids) or streaming, as ``data.mode`` says."""
+    common = dict(global_batch_size=cfg.train.batch_size * accelerator.num_processes,
+                  rank=accelerator.process_index, world_size=accelerator.num_processes, seed=cfg.train.seed,
+                  num_workers=cfg.data.num_workers, image_size=tuple(cfg.model.image_size),
+                  image_aug=cfg.data.image_aug, drop_last=cfg.data.drop_last, mlm=cfg.data.mlm,
+                  mask_global_text=cfg.data.mask_global_text, pin_memory=accelerator.device.type == "cuda",
+                  **_cache_args(cfg))
+    if cfg.data.mode == "stream":
+        return StreamTrainLoader(cfg.data.shards, shuffle_buffer=cfg.data.shuffle_buffer, **common)
+    return TrainLoader(cfg.data.shards, sampler=cfg.data.sampler, num_instances=cfg.data.num_instances,
+                       **common)
+
+
 def ensure_shards(accelerator: Accelerator, cfg: Config) -> None:
     """Build the demo shards on the main process if the recipe asks for it and they are missing.
 
@@ -167,7 +188,7 @@ def ensure_shards(accelerator: Accelerator, cfg: Config) -> None:
         ShardError: no shards at ``data.shards`` of a demo recipe pointed elsewhere (one line with the fix).
     """
     shards = Path(cfg.data.shards)
-    if (shards / MANIFEST_NAME).is_file():
+    if is_remote(cfg.data.shards) or (shards / MANIFEST_NAME).is_file():
         return
     if not generates_demo_data(cfg):
         if cfg.data.demo_shards:
@@ -329,8 +350,7 @@ class Trainer:
         self.eval_sets: dict[str, tuple[Any, Any]] = {}
         self.completed = False
         if cfg.eval.eval_period > 0:
-            manifest = load_manifest(cfg.data.shards, verify="none")
-            for split in evaluation_splits(cfg, manifest):
+            for split in evaluation_splits(cfg, loader.manifest):
                 self.eval_sets[split] = self._eval_loaders(split)
             self.gallery, self.queries = self.eval_sets[cfg.eval.split]
 
@@ -338,7 +358,8 @@ class Trainer:
         return build_eval_loaders(
             self.cfg.data.shards, split, rank=self.acc.process_index, world_size=self.world,
             batch_size=self.cfg.eval.batch_size, num_workers=self.cfg.data.num_workers,
-            image_size=tuple(self.cfg.model.image_size), pin_memory=self.device.type == "cuda")
+            image_size=tuple(self.cfg.model.image_size), pin_memory=self.device.type == "cuda",
+            **_cache_args(self.cfg))
 
     # ---------------------------------------------------------------------------------------------
 
@@ -458,6 +479,8 @@ class Trainer:
         """The evaluation hook that draws a few fixed queries of `split` and their top-5 into `png`."""
 
         def draw(g_feats, g_pids, g_index, q_feats, q_index) -> None:
+            if is_remote(self.cfg.data.shards):
+                return  # the picture reads images from a local shard folder
             try:
                 if split not in self.examples:
                     self.examples[split] = RetrievalExamples(self.cfg.data.shards, split)
@@ -571,7 +594,7 @@ class Trainer:
     def train_epoch(self, epoch: int) -> bool:
         """Run (the rest of) one epoch; False when train.max_steps stopped it early."""
         cfg = self.cfg
-        n_batches = len(self.loader.global_batches(epoch))
+        n_batches = self.loader.num_batches(epoch)
         self.model.train()
         self.acc.step = 0  # accumulation groups start at the beginning of each epoch
         window = _Stats(self.loss_keys, self.device)
@@ -689,7 +712,7 @@ class Trainer:
 
     def _write_run_row(self) -> None:
         """The first row of metrics.jsonl: what this run is, for irra-report (recipe, dataset, protocol)."""
-        manifest = load_manifest(self.cfg.data.shards, verify="none")
+        manifest = self.loader.manifest
         self.metrics.write({
             "kind": "run", "step": 0, "recipe": self.cfg.name, "dataset": manifest.get("dataset"),
             "annotation_sha256": manifest.get("annotation_sha256"),
@@ -774,16 +797,10 @@ def train(cfg: Config, *, resume: str | os.PathLike | None = None) -> Path:
                 run_logging(is_main=accelerator.is_main_process, rank=accelerator.process_index) as logs:
             ensure_shards(accelerator, cfg)
             # Built before the run folder, so that bad data leaves no empty run behind.
-            loader = TrainLoader(
-                cfg.data.shards, global_batch_size=cfg.train.batch_size * accelerator.num_processes,
-                rank=accelerator.process_index, world_size=accelerator.num_processes, seed=cfg.train.seed,
-                num_workers=cfg.data.num_workers, image_size=tuple(cfg.model.image_size),
-                image_aug=cfg.data.image_aug, sampler=cfg.data.sampler, num_instances=cfg.data.num_instances,
-                drop_last=cfg.data.drop_last, mlm=cfg.data.mlm, mask_global_text=cfg.data.mask_global_text,
-                pin_memory=accelerator.device.type == "cuda")
+            loader = build_train_loader(cfg, accelerator)
             if cfg.eval.eval_period > 0:
                 # A missing val split stops here, before the run folder exists.
-                evaluation_splits(cfg, load_manifest(cfg.data.shards, verify="none"))
+                evaluation_splits(cfg, loader.manifest)
             run_dir = run_dir_of(checkpoint) if checkpoint is not None else _new_run_dir(accelerator, cfg)
             # Built before the run folder is claimed: model, optimizer, schedule and evaluation data that
             # cannot be set up fail here, with nothing written.

@@ -239,15 +239,17 @@ class IndexMeta:
 
 
 def write_index(out_dir: str | os.PathLike, feats: np.ndarray, items: Items, spec: IndexSpec,
-                model: dict[str, Any]) -> IndexMeta:
+                model: dict[str, Any], *, normalized: bool = False) -> IndexMeta:
     """Build the faiss index over `feats` and write the index folder (see the module docstring).
 
     Args:
         out_dir: the index folder (created).
-        feats: ``[N, D]`` image features in item order (normalised here).
+        feats: ``[N, D]`` image features in item order.
         items: the N images.
         spec: the kind of index.
         model: the ``model`` section of ``index.json`` (at least ``fingerprint``).
+        normalized: `feats` are already L2-normalised (features reused from an index stay bit-identical;
+            normalising a unit vector again may change its last bit).
 
     Returns:
         What was written to ``index.json``.
@@ -258,7 +260,7 @@ def write_index(out_dir: str | os.PathLike, feats: np.ndarray, items: Items, spe
                                 "index")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    feats = normalize_rows(feats)
+    feats = np.ascontiguousarray(feats, dtype=np.float32) if normalized else normalize_rows(feats)
     index = build_faiss_index(feats, spec)
 
     def save_features(tmp: str) -> None:

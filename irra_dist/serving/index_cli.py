@@ -38,6 +38,7 @@ from irra_dist.retrieval.index import (
     Items,
     merge_items,
     model_fingerprint,
+    normalize_rows,
     read_features,
     read_items,
     read_meta,
@@ -267,6 +268,7 @@ def build_index(model_path: str | os.PathLike, gallery: str | os.PathLike, out: 
     if not accelerator.is_main_process:
         return None
     new_feats, ok = embedded
+    new_feats = normalize_rows(new_feats) if todo else new_feats
     dim = int(loaded.model.embed_dim)
     feats = np.empty((len(items), dim), dtype=np.float32)
     keep = np.ones(len(items), dtype=bool)
@@ -281,7 +283,7 @@ def build_index(model_path: str | os.PathLike, gallery: str | os.PathLike, out: 
         raise GalleryIndexError(f"none of the {len(items)} images of {gallery} can be read (e.g. "
                                 f"{skipped[0]}): pass a folder of image files")
     kept = np.flatnonzero(keep).tolist()
-    meta = write_index(out, feats[kept], items.take(kept), spec, model_meta)
+    meta = write_index(out, feats[kept], items.take(kept), spec, model_meta, normalized=True)
     shutil.rmtree(out / PARTIAL_DIR, ignore_errors=True)
     return {"num_items": meta.num_items, "embedded": len(todo) - len(skipped), "reused": len(reused_rows),
             "skipped": len(skipped), "first_skipped": skipped[0] if skipped else None, "meta": meta}

@@ -7,8 +7,11 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
+import time
+import urllib.parse
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -448,3 +451,92 @@ def test_exact_index_matches_pytorch_ranking_on_demo_gallery(demo_run: tuple[Pat
     assert [r.names for r in got] == [r.names for r in expected]
     assert [r.correct for r in got] == [r.correct for r in expected]
     np.testing.assert_allclose([r.scores for r in got], [r.scores for r in expected], atol=1e-5)
+
+
+# --------------------------------------------------------------------------------------------------
+# irra-serve in a real browser
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+HIT = re.compile(r'<div class="hit" data-rank="(\d+)" data-index="(\d+)" data-score="([^"]+)" '
+                 r'data-name="([^"]+)"(?: data-pid="(\d+)")?>')
+
+
+def _get(url: str) -> tuple[int, bytes]:
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(url, timeout=30) as reply:
+            return reply.status, reply.read()
+    except urllib.error.HTTPError as err:
+        return err.code, err.read()
+
+
+def _run_group(cmd: list[str], timeout: float) -> subprocess.CompletedProcess:
+    """Run `cmd` in its own process group; the whole group is killed if it overruns."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="Chromium is not installed (Debian: apt-get install chromium)")
+def test_search_page_in_headless_chromium(world: SimpleNamespace, onnx_export: Path, tmp_path: Path,
+                                          fresh_accelerate: None) -> None:
+    from conftest import free_port
+
+    index = tmp_path / "idx"
+    assert _build(world.run, world.shards, index) == 0
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    server = subprocess.Popen([sys.executable, "-m", "irra_dist.serving.web", str(index), "--port", str(port),
+                               "--runtime", "onnx"], env=subprocess_env(), stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert server.poll() is None, server.communicate()[1][-2000:]
+            try:
+                status, body = _get(f"{base}/api/info")
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "irra-serve did not answer within 60 s"
+                time.sleep(0.2)
+        assert status == 200 and json.loads(body)["num_images"] == len(world.records)
+
+        paths = [world.images[0].parent.parent / r["file_path"] for r in world.records]
+        order, scores = _reference_ranking(world.model, paths, QUERIES[:1], 4)
+        status, body = _get(f"{base}/api/search?q={urllib.parse.quote(QUERIES[0])}&k=4")
+        assert status == 200
+        hits = json.loads(body)["results"]
+        assert [h["name"] for h in hits] == [world.records[i]["file_path"] for i in order[0]]
+        assert [h["pid"] for h in hits] == [world.records[i]["id"] for i in order[0]]
+        np.testing.assert_allclose([h["score"] for h in hits], scores[0].numpy(), atol=1e-4)
+        status, body = _get(f"{base}/{hits[0]['image']}")
+        assert status == 200 and body == paths[order[0][0]].read_bytes()
+        status, body = _get(f"{base}/api/search?q=%20%20")
+        assert status == 400 and "empty" in json.loads(body)["error"]
+
+        profile = tmp_path / "chromium-profile"
+        page = _run_group([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu",
+                           "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                           "--no-first-run", f"--user-data-dir={profile}", "--virtual-time-budget=15000",
+                           "--dump-dom", f"{base}/?q={urllib.parse.quote(QUERIES[0])}&k=4"], timeout=90)
+        assert page.returncode == 0, page.stderr[-2000:]
+        shown = HIT.findall(page.stdout)
+        assert [(int(r), int(i), n, int(p)) for r, i, _, n, p in shown] == [
+            (h["rank"], h["index"], h["name"], h["pid"]) for h in hits], page.stdout[-3000:]
+        assert [float(s) for _, _, s, _, _ in shown] == pytest.approx([h["score"] for h in hits], abs=1e-6)
+        assert "4 results for" in page.stdout
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        try:
+            server.communicate(timeout=15)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.communicate()

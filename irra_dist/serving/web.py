@@ -91,7 +91,11 @@ form.addEventListener("submit", ev => {
   run(q.value, k.value);
 });
 const params = new URLSearchParams(location.search);
-if (params.get("k")) k.value = params.get("k");
+const wanted = params.get("k");
+if (wanted) {  // a linked k that the menu lacks gets its own entry
+  if (![...k.options].some(o => o.value === wanted)) k.add(new Option(wanted, wanted));
+  k.value = wanted;
+}
 if (params.get("q") !== null) { q.value = params.get("q"); run(q.value, k.value); }
 </script></body></html>
 """

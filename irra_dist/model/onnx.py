@@ -70,19 +70,22 @@ def _sample_inputs(model: IRRA, batch: int, seed: int) -> tuple[torch.Tensor, to
     return images, ids
 
 
-def max_abs_difference(model: IRRA, out_dir: str | os.PathLike, *, batch: int = 3,
-                       seed: int = 1) -> dict[str, float]:
+def max_abs_difference(model: IRRA, out_dir: str | os.PathLike, *, batch: int = 3, seed: int = 1,
+                       towers: tuple[str, ...] = ("image", "text")) -> dict[str, float]:
     """Largest |onnxruntime - PyTorch| of each tower's features, on inputs of another batch size than the
     export's (which also checks that the batch dimension is dynamic)."""
     import onnxruntime as ort
 
     out_dir = Path(out_dir)
     images, ids = _sample_inputs(model, batch, seed)
+    encode = {"image": lambda: model.encode_image(images), "text": lambda: model.encode_text(ids)}
     with torch.no_grad():
-        reference = {"image": model.encode_image(images).numpy(), "text": model.encode_text(ids).numpy()}
+        reference = {t: encode[t]().numpy() for t in towers}
     diffs = {}
     for tower, file, name, value in (("image", IMAGE_TOWER_FILE, "images", images),
                                      ("text", TEXT_TOWER_FILE, "caption_ids", ids)):
+        if tower not in towers:
+            continue
         session = ort.InferenceSession(str(out_dir / file), providers=["CPUExecutionProvider"])
         (got,) = session.run(None, {name: value.numpy()})
         diffs[tower] = float(np.abs(got - reference[tower]).max())
@@ -90,7 +93,8 @@ def max_abs_difference(model: IRRA, out_dir: str | os.PathLike, *, batch: int = 
 
 
 def export_towers(model: IRRA, out_dir: str | os.PathLike, *, model_meta: dict[str, Any] | None = None,
-                  tolerance: float = FP32_TOLERANCE) -> dict[str, Any]:
+                  tolerance: float = FP32_TOLERANCE, towers: tuple[str, ...] = ("image", "text")
+                  ) -> dict[str, Any]:
     """Write both towers as ONNX plus ``onnx.json``, after checking them against PyTorch.
 
     The folder appears complete or not at all: the files are written to a temporary folder beside it and
@@ -102,6 +106,7 @@ def export_towers(model: IRRA, out_dir: str | os.PathLike, *, model_meta: dict[s
         model_meta: identifies the model (``fingerprint`` etc., see :mod:`irra_dist.retrieval.index`); stored
             in ``onnx.json`` so that a query is refused against an index of another model.
         tolerance: largest allowed absolute feature difference.
+        towers: which towers to write ("image", "text"); irra-export writes both.
 
     Returns:
         The content of ``onnx.json`` (``max_abs_diff`` per tower included).
@@ -119,13 +124,13 @@ def export_towers(model: IRRA, out_dir: str | os.PathLike, *, model_meta: dict[s
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation and tracer notes
-            towers = ((_ImageTower(export_model), IMAGE_TOWER_FILE, "images", images),
-                      (_TextTower(export_model), TEXT_TOWER_FILE, "caption_ids", ids))
-            for tower, file, name, example in towers:
+            jobs = {"image": (_ImageTower(export_model), IMAGE_TOWER_FILE, "images", images),
+                    "text": (_TextTower(export_model), TEXT_TOWER_FILE, "caption_ids", ids)}
+            for tower, file, name, example in (jobs[t] for t in towers):
                 torch.onnx.export(tower, (example,), str(tmp / file), dynamo=False, opset_version=OPSET,
                                   input_names=[name], output_names=["features"],
                                   dynamic_axes={name: {0: "batch"}, "features": {0: "batch"}})
-        diffs = max_abs_difference(model.float().cpu().eval(), tmp)
+        diffs = max_abs_difference(model.float().cpu().eval(), tmp, towers=towers)
         worst = max(diffs, key=diffs.get)
         if diffs[worst] > tolerance:
             raise OnnxExportError(f"the ONNX {worst} tower differs from PyTorch by {diffs[worst]:.2e} "
@@ -134,12 +139,12 @@ def export_towers(model: IRRA, out_dir: str | os.PathLike, *, model_meta: dict[s
         meta = {"model": model_meta or {}, "image_size": [int(height), int(width)],
                 "context_length": int(model.base_model.context_length), "embed_dim": int(model.embed_dim),
                 "opset": OPSET, "max_abs_diff": diffs,
-                "files": {"image": IMAGE_TOWER_FILE, "text": TEXT_TOWER_FILE}}
+                "files": {t: {"image": IMAGE_TOWER_FILE, "text": TEXT_TOWER_FILE}[t] for t in towers}}
         (tmp / ONNX_META_FILE).write_text(json.dumps(meta, indent=1) + "\n")
         out_dir.mkdir(exist_ok=True)
         (out_dir / ONNX_META_FILE).unlink(missing_ok=True)
         # onnx.json last: a folder with it holds towers that passed the check
-        for file in (IMAGE_TOWER_FILE, TEXT_TOWER_FILE, ONNX_META_FILE):
+        for file in (*meta["files"].values(), ONNX_META_FILE):
             os.replace(tmp / file, out_dir / file)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -230,8 +230,8 @@ def build_index(model_path: str | os.PathLike, gallery: str | os.PathLike, out: 
     Raises:
         GalleryIndexError, SearchError, ShardError, CheckpointError, ConfigError: bad input (one line).
     """
-    from accelerate import Accelerator
-
+    from irra_dist.config import Config
+    from irra_dist.engine.accel import build_accelerator
     from irra_dist.search import load_search_model
 
     model_path, out = Path(model_path), Path(out)
@@ -255,7 +255,9 @@ def build_index(model_path: str | os.PathLike, gallery: str | os.PathLike, out: 
     items, reuse = merge_items(old, listing)
     todo = [i for i, r in enumerate(reuse) if r is None]
 
-    accelerator = Accelerator()
+    # As irra-eval: gloo without CUDA, so that N launched processes share the work instead of each doing all.
+    # Compile and accumulation settings do not apply to embedding; the default config leaves them off.
+    accelerator = build_accelerator(Config())
     plan = hashlib.sha256(json.dumps([model_meta["fingerprint"], chunk_size,
                                       [items.key[i] for i in todo]]).encode()).hexdigest()[:16]
     work = out / PARTIAL_DIR / plan

@@ -108,6 +108,7 @@ def create_app(index: GalleryIndex, encoder: TextEncoder, *, runtime: str = "tor
     from starlette.routing import Route
 
     lock = threading.Lock()  # one query at a time through the text tower and the index
+    images_lock = threading.Lock()
     info = {"num_images": len(index), "index": index.meta.spec.describe(), "model": index.fingerprint,
             "runtime": runtime, "has_pids": index.pids is not None}
     page = PAGE.replace("__INFO__", html.escape(f"{len(index):,} images · {info['index']} · model "
@@ -147,7 +148,8 @@ def create_app(index: GalleryIndex, encoder: TextEncoder, *, runtime: str = "tor
         if not 0 <= i < len(index):
             return error(f"no image {i}: the index holds {len(index)}", 404)
         try:
-            data = index.image_bytes(i)
+            with images_lock:  # shard readers keep open files: one read at a time
+                data = index.image_bytes(i)
         except GalleryIndexError as err:
             return error(str(err), 404)
         kind = mimetypes.guess_type(index.items.name[i])[0] or "application/octet-stream"

@@ -195,16 +195,20 @@ def _embedding_rows(quick: bool) -> list[dict]:
              "note": f"{count} images 96x32, demo model, 1 process, 2 decode workers, wall incl. model load"}]
 
 
-def run(quick: bool, sizes: str = "100000,1000000", threads: int = 1) -> list[dict]:
+def run(quick: bool, sizes: str = "100000,1000000", threads: int = 1, parts: str = "index,text,embed"
+        ) -> list[dict]:
     """All rows; ``--quick``: one 20k gallery, the demo text tower, 16 identities to embed."""
     import faiss
 
     faiss.omp_set_num_threads(threads)
     rows = []
-    for num in ([20_000] if quick else [int(s) for s in sizes.split(",")]):
-        rows += _index_rows(num, quick)
-    rows += _text_rows(quick)
-    rows += _embedding_rows(quick)
+    if "index" in parts:
+        for num in ([20_000] if quick else [int(s) for s in sizes.split(",")]):
+            rows += _index_rows(num, quick)
+    if "text" in parts:
+        rows += _text_rows(quick)
+    if "embed" in parts:
+        rows += _embedding_rows(quick)
     return rows
 
 
@@ -212,7 +216,9 @@ def main(argv: list[str] | None = None) -> int:
     return bench_main(run, __doc__, argv, extra_columns=("note",),
                       extra_args=[("--sizes", {"default": "100000,1000000",
                                                "help": "gallery sizes, comma-separated"}),
-                                  ("--threads", {"type": int, "default": 1, "help": "faiss OpenMP threads"})],
+                                  ("--threads", {"type": int, "default": 1, "help": "faiss OpenMP threads"}),
+                                  ("--parts", {"default": "index,text,embed",
+                                               "help": "which measurements, comma-separated"})],
                       labels={"value": "value", "baseline": "baseline"})
 
 

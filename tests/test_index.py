@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
@@ -540,3 +541,19 @@ def test_search_page_in_headless_chromium(world: SimpleNamespace, onnx_export: P
         except subprocess.TimeoutExpired:
             os.killpg(server.pid, signal.SIGKILL)
             server.communicate()
+
+
+def test_images_reach_the_browser_in_a_format_it_reads(world: SimpleNamespace) -> None:
+    from irra_dist.serving.web import browser_image
+
+    jpeg = world.images[0].read_bytes()
+    assert browser_image(jpeg) == (jpeg, "image/jpeg")
+    with Image.open(world.images[0]) as img:
+        pixels = np.asarray(img.convert("RGB"))
+    ppm = io.BytesIO()
+    Image.fromarray(pixels).save(ppm, format="PPM")  # as shards built with --pre-resize-format ppm hold
+    data, kind = browser_image(ppm.getvalue())
+    assert kind == "image/png"
+    with Image.open(io.BytesIO(data)) as png:
+        assert png.format == "PNG"
+        np.testing.assert_array_equal(np.asarray(png), pixels)

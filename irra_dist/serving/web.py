@@ -17,12 +17,14 @@ from __future__ import annotations
 
 import argparse
 import html
+import io
 import json
 import logging
-import mimetypes
 import sys
 import threading
 from collections.abc import Sequence
+
+from PIL import Image
 
 from irra_dist.retrieval.index import GalleryIndex, GalleryIndexError
 from irra_dist.retrieval.onnx_runtime import OnnxRuntimeError
@@ -101,6 +103,24 @@ if (params.get("q") !== null) { q.value = params.get("q"); run(q.value, k.value)
 """
 
 
+BROWSER_FORMATS = {"JPEG": "image/jpeg", "PNG": "image/png", "GIF": "image/gif", "WEBP": "image/webp",
+                   "BMP": "image/bmp"}
+
+
+def browser_image(data: bytes) -> tuple[bytes, str]:
+    """An image file as a browser shows it: as stored when browsers read its format, else re-encoded as PNG
+    (shards may hold pre-resized PPM images, whatever their name says)."""
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            if img.format in BROWSER_FORMATS:
+                return data, BROWSER_FORMATS[img.format]
+            out = io.BytesIO()
+            img.convert("RGB").save(out, format="PNG")
+            return out.getvalue(), "image/png"
+    except (OSError, ValueError, SyntaxError, EOFError):
+        return data, "application/octet-stream"
+
+
 def create_app(index: GalleryIndex, encoder: TextEncoder, *, runtime: str = "torch"):
     """The Starlette application serving `index` with `encoder` (see the module docstring)."""
     from starlette.applications import Starlette
@@ -152,7 +172,7 @@ def create_app(index: GalleryIndex, encoder: TextEncoder, *, runtime: str = "tor
                 data = index.image_bytes(i)
         except GalleryIndexError as err:
             return error(str(err), 404)
-        kind = mimetypes.guess_type(index.items.name[i])[0] or "application/octet-stream"
+        data, kind = browser_image(data)
         return Response(data, media_type=kind, headers={"Cache-Control": "max-age=3600"})
 
     return Starlette(routes=[Route("/", home), Route("/api/info", api_info), Route("/api/search", api_search),

@@ -268,7 +268,7 @@ def test_interrupted_build_resumes_from_saved_chunks(world: SimpleNamespace, tmp
 def test_two_processes_embed_like_one(world: SimpleNamespace, tmp_path: Path, launch) -> None:
     args = ["build", str(world.run), "--gallery", str(world.images[0].parent), "--out", str(tmp_path / "idx"),
             "--chunk-size", "3", "--batch-size", "2", "--num-workers", "0"]
-    done = launch("cpu_2proc.yaml", "index.py", args, timeout=240)
+    done = launch("cpu_2proc.yaml", "index.py", args, timeout=600)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     assert done.stdout.count("10 images (10 embedded") == 1, "only the main process reports"
     reference = normalize_rows(_reference_feats(world.model, world.images).numpy())

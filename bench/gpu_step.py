@@ -174,15 +174,20 @@ def _time_training(
     batch: dict[str, torch.Tensor],
     device: torch.device,
     extra_warmup: int,
+    amp_dtype: torch.dtype = torch.bfloat16,
 ) -> tuple[float, int | None]:
-    """Seconds per optimizer step and peak allocated bytes (weights, Adam state, activations; CUDA only)."""
+    """Seconds per optimizer step and peak allocated bytes (weights, Adam state, activations; CUDA only).
+
+    fp16 autocast comes with a gradient scaler on CUDA, as Accelerate adds one for fp16 training."""
     optimizer = build_optimizer(model)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16 and device.type == "cuda")
 
     def train_step() -> None:
-        with torch.autocast(device.type, dtype=torch.bfloat16):
+        with torch.autocast(device.type, dtype=amp_dtype):
             loss = sum(irra_losses(model(batch), batch, LOSS_NAMES).values())
-        loss.backward()
-        optimizer.step()
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
         optimizer.zero_grad(set_to_none=True)
 
     model.train()
@@ -208,7 +213,8 @@ def _time_encoders(
 
 
 def bench_variant(
-    setup: BenchSetup, variant: str, device: torch.device, *, compile_model: bool, seed: int = 0
+    setup: BenchSetup, variant: str, device: torch.device, *, compile_model: bool, seed: int = 0,
+    amp_dtype: torch.dtype = torch.bfloat16,
 ) -> dict[str, Any]:
     """Time the training step and the two encoders of one variant; returns its raw measurements."""
     options = VARIANTS[variant]
@@ -224,7 +230,8 @@ def bench_variant(
         # In place: model(...) now runs the compiled forward; encode_* stay eager.
         model.compile()
     # Compilation happens in the first calls: give it more untimed steps.
-    step_s, peak_bytes = _time_training(model, setup, batch, device, extra_warmup=3 if compile_model else 0)
+    step_s, peak_bytes = _time_training(model, setup, batch, device, extra_warmup=3 if compile_model else 0,
+                                        amp_dtype=amp_dtype)
     image_s, text_s = _time_encoders(model, setup, device, generator)
     del model, batch
     gc.collect()
@@ -350,9 +357,11 @@ def make_rows(
 
 
 def benchmark(
-    setup: BenchSetup, device: torch.device, *, compile_model: bool = False, peak_tflops: float | None = None
+    setup: BenchSetup, device: torch.device, *, compile_model: bool = False, peak_tflops: float | None = None,
+    amp_dtype: torch.dtype = torch.bfloat16,
 ) -> list[dict[str, Any]]:
-    """Run both variants on `device` and return the rows; `peak_tflops` None looks the GPU up."""
+    """Run both variants on `device` and return the rows; `peak_tflops` None looks the GPU up; `amp_dtype`
+    is the training step's autocast type (the encoders are timed in bf16)."""
     if device.type == "cuda":
         device_name = torch.cuda.get_device_name(device)
         peak_tflops = peak_tflops or peak_bf16_tflops(device_name)
@@ -363,7 +372,8 @@ def benchmark(
     results = {}
     for variant in VARIANTS:
         logger.info("%s: %s", variant, VARIANTS[variant])
-        results[variant] = bench_variant(setup, variant, device, compile_model=compile_model)
+        results[variant] = bench_variant(setup, variant, device, compile_model=compile_model,
+                                         amp_dtype=amp_dtype)
     return make_rows(setup, results, device_name, peak_tflops)
 
 

@@ -34,6 +34,9 @@ class ModelConfig:
 
     pretrained: str = "ViT-B/16"
     """OpenAI CLIP name (looked up as ~/.cache/clip/<file>), a checkpoint path, or "none" for random init."""
+    init_from: str = ""
+    """Start from a previous run's model instead of CLIP: a run folder, a checkpoint folder, an irra_dist
+    .safetensors or an official best.pth (pretrain, then fine-tune; see engine/init_from.py)."""
     verify_checksum: bool = False
     """Check the CLIP file's SHA-256 against OpenAI's published value (slow for large files)."""
     image_size: tuple[int, int] = (384, 128)
@@ -91,7 +94,10 @@ class DataConfig:
     mask_global_text: bool = True
     """Feed the masked caption to SDM/ID too, as the official code does through an aliasing bug."""
     build_demo_if_missing: bool = False
-    """Generate the synthetic demo dataset and its shards when `shards` has no manifest."""
+    """Generate the synthetic demo dataset and its shards at `shards` when it has no manifest."""
+    demo_shards: str = ""
+    """The demo's own data location: when `shards` is this folder and has no manifest, the synthetic demo
+    dataset is generated there (a mistyped `shards` elsewhere is an error, not a new dataset)."""
 
     def __post_init__(self) -> None:
         _require(self.num_workers >= 0, "data.num_workers", "an integer >= 0")
@@ -163,6 +169,9 @@ class TrainConfig:
     batch_size: int = 64
     """Per-device batch; the global batch is batch_size x processes x grad_accum_steps."""
     grad_accum_steps: int = 1
+    chunk_size: int = 0
+    """Run each device's batch in chunks of this many rows with gradient caching (engine/gradcache.py): the
+    exact gradient of the whole batch at the activation memory of one chunk, for one extra forward. 0: off."""
     seed: int = 1
     mixed_precision: Literal["auto", "no", "fp16", "bf16"] = "auto"
     """"auto": bf16 on a GPU that supports it, else fp16 on GPU, fp32 on CPU."""
@@ -180,13 +189,18 @@ class TrainConfig:
     max_nonfinite_steps: int = 10
     """Stop when this many consecutive steps have a non-finite loss."""
     cpu_threads: int = 0
-    """Torch threads per process when running on the CPU; 0: the machine's cores divided among the local
-    processes (overrides the OMP_NUM_THREADS=1 that `accelerate launch` sets by default)."""
+    """Torch threads per process when running on the CPU; 0: the cores free when the run starts (this
+    process's CPU affinity minus the 1-minute load average) divided among the local processes. Overrides the
+    OMP_NUM_THREADS=1 that `accelerate launch` sets by default (docs/TRAINING.md)."""
+    peer_failure_timeout_s: float = 5.0
+    """With several processes: when one fails, every other one stops within about this many seconds (how
+    often each looks for a failure in the launcher's store; docs/TRAINING.md, "When a rank fails")."""
 
     def __post_init__(self) -> None:
+        _require(self.peer_failure_timeout_s > 0, "train.peer_failure_timeout_s", "a number of seconds > 0")
         for name in ("num_epochs", "batch_size", "grad_accum_steps", "log_period"):
             _require(getattr(self, name) >= 1, f"train.{name}", "an integer >= 1")
-        for name in ("checkpoint_every_steps", "max_steps"):
+        for name in ("checkpoint_every_steps", "max_steps", "chunk_size"):
             _require(getattr(self, name) >= 0, f"train.{name}", "an integer >= 0")
         _require(self.max_nonfinite_steps >= 1, "train.max_nonfinite_steps", "an integer >= 1")
         _require(self.cpu_threads >= 0, "train.cpu_threads", "an integer >= 0 (0: all cores)")
@@ -198,8 +212,15 @@ class EvalConfig:
 
     eval_period: int = 1
     """Evaluate every N epochs (0: never during training)."""
-    split: Literal["test", "val"] = "test"
-    """Split used for evaluation and best-checkpoint selection; the official code selects on test."""
+    split: Literal["test", "val"] = "val"
+    """Split evaluated every `eval_period` epochs that selects the `best` checkpoint (by t2i R1). "val" keeps
+    the test split untouched until the end (see `final_test`); the official code selects on "test"."""
+    track_splits: list[str] = field(default_factory=list)
+    """Other splits evaluated at the same epochs and recorded, never used for selection (irra_official:
+    [val], so that its test-selected runs also record best-on-val). Skipped when the shards have none."""
+    final_test: bool = True
+    """When selecting on val: after the last epoch, evaluate the test split once on `best` and once on the
+    last weights (the only time such a run touches test)."""
     batch_size: int = 512
     chunk_size: int = 1024
     """Queries scored at a time: bounds metric memory to chunk_size x gallery size."""
@@ -214,6 +235,9 @@ class EvalConfig:
         _require(self.eval_period >= 0, "eval.eval_period", "an integer >= 0")
         _require(self.batch_size >= 1, "eval.batch_size", "an integer >= 1")
         _require(self.chunk_size >= 1, "eval.chunk_size", "an integer >= 1")
+        _require(all(s in ("val", "test") and s != self.split for s in self.track_splits)
+                 and len(set(self.track_splits)) == len(self.track_splits), "eval.track_splits",
+                 f"a list of splits from ['val', 'test'] other than eval.split ({self.split!r})")
 
 
 @dataclass
@@ -225,6 +249,8 @@ class LoggingConfig:
     entity: str = ""
     wandb_mode: Literal["auto", "online", "offline"] = "auto"
     """"auto": online when credentials exist and the service answers, otherwise offline."""
+    group: str = ""
+    """W&B run group (irra-sweep puts the runs of one sweep in one group)."""
 
 
 @dataclass
@@ -244,6 +270,12 @@ class Config:
         if "mlm" in self.loss.names and not self.data.mlm:
             raise ConfigError("loss.names contains 'mlm' but data.mlm is false: set data.mlm=true "
                               "or drop mlm from loss.names")
+        if self.optim.scheduler == "cosine" and self.optim.warmup_epochs >= self.train.num_epochs:
+            # Checked here, when the config is read, so that it fails before any process or folder exists.
+            raise ConfigError(f"optim.warmup_epochs={self.optim.warmup_epochs} leaves no epoch for the "
+                              f"cosine schedule with train.num_epochs={self.train.num_epochs}: set "
+                              f"optim.warmup_epochs={max(self.train.num_epochs - 1, 0)} or lower, or raise "
+                              "train.num_epochs")
 
     def to_dict(self) -> dict[str, Any]:
         return _to_plain(dataclasses.asdict(self))

@@ -19,6 +19,42 @@ import torch
 import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
 
+MIN_TORCH = (2, 13)
+"""The oldest torch checked (here) to give the functional all-gather an autograd formula; install_requires
+names it too."""
+
+
+class TorchTooOldError(ValueError):
+    """The installed torch's functional all-gather carries no gradient; the message says what to install."""
+
+
+def _version_tuple(version: str) -> tuple[int, int]:
+    major, minor = version.split("+")[0].split(".")[:2]
+    return int(major), int("".join(ch for ch in minor if ch.isdigit()) or 0)
+
+
+def require_differentiable_gather() -> None:
+    """Check that :func:`all_gather_with_grad` back-propagates across ranks with the installed torch.
+
+    Older torch releases run the functional all-gather without an autograd formula: training would proceed
+    while SDM/ITC silently lost the gradient of every other rank's columns. Checked by version and by asking
+    the dispatcher whether the op has an autograd kernel.
+
+    Raises:
+        TorchTooOldError: torch older than :data:`MIN_TORCH` or without that kernel.
+    """
+    version = torch.__version__
+    try:
+        old = _version_tuple(version) < MIN_TORCH
+    except ValueError:
+        old = False  # an unusual local version string: let the kernel check decide
+    has_kernel = torch._C._dispatch_has_kernel_for_dispatch_key(
+        "_c10d_functional::all_gather_into_tensor", "Autograd")
+    if old or not has_kernel:
+        floor = ".".join(map(str, MIN_TORCH))
+        raise TorchTooOldError(f"torch {version} gathers features across processes without their gradient "
+                               f"(the contrastive losses would silently lose it): install torch>={floor}")
+
 
 class DistributedInputError(ValueError):
     """Tensors whose shapes do not fit the collective; the message names the problem and the fix."""

@@ -41,7 +41,7 @@ import yaml
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from irra_dist.config import ConfigError, ModelConfig, config_from_dict, load_config
+from irra_dist.config import ConfigError, ModelConfig, config_from_dict
 from irra_dist.data.pipeline import build_eval_loaders
 from irra_dist.data.shards import (
     MANIFEST_NAME,
@@ -140,7 +140,9 @@ def load_search_model(run: str | os.PathLike | None = None, checkpoint: str | os
             if not path.is_file():
                 raise SearchError(f"{home} has no {path.name}: pass a run folder in which an epoch finished, "
                                   "or a weights file with --checkpoint FILE")
-        cfg = load_config(home / RUN_CONFIG)
+        from irra_dist.engine.runfolder import load_run_config
+
+        cfg = load_run_config(home)
         model_cfg = cfg.model
         shards = Path(cfg.data.shards)
         default_gallery = shards if (shards / MANIFEST_NAME).is_file() else None
@@ -263,8 +265,26 @@ class Gallery(Protocol):
 
     def encode(self, model: IRRA, image_size: tuple[int, int], *, batch_size: int, num_workers: int,
                device: torch.device) -> torch.Tensor:
-        """Image features [G, D] (fp32, not normalised) in gallery order."""
+        """Image features [G, D] (fp32, not normalised) in gallery order; unreadable images are dropped from
+        the gallery (see :meth:`drop`) and left out."""
         ...
+
+    def drop(self, names: Sequence[str]) -> None:
+        """Leave the images with these names out of the gallery (unreadable ones, as training does)."""
+        ...
+
+
+def _drop_positions(names: Sequence[str], unwanted: Sequence[str]) -> np.ndarray:
+    """Positions to keep: those whose name is not in `unwanted`."""
+    unwanted = set(unwanted)
+    return np.array([i for i, name in enumerate(names) if name not in unwanted], dtype=np.int64)
+
+
+def _warn_skipped(skipped: Sequence[str], where: str) -> None:
+    if skipped:
+        more = f" and {len(skipped) - 1} more" if len(skipped) > 1 else ""
+        logger.warning("skipped %d unreadable image(s) in %s (%s%s): searching the other images",
+                       len(skipped), where, skipped[0], more)
 
 
 class ShardGallery:
@@ -283,10 +303,22 @@ class ShardGallery:
         self._reader = RecordReader(self.index)
         manifest_sha = hashlib.sha256((self.shards_dir / MANIFEST_NAME).read_bytes()).hexdigest()
         self.content_key = f"shards:{manifest_sha}:{split}"
+        self.records = np.arange(len(self.index))
+        """Gallery position -> record of the split (records that could not be read are dropped)."""
         self.pids = torch.from_numpy(self.index.pid.copy())
+        self.skipped: list[str] = []
 
     def __len__(self) -> int:
-        return len(self.index)
+        return len(self.records)
+
+    def _record_name(self, record: int) -> str:
+        return f"{self.split}#{record}"
+
+    def drop(self, names: Sequence[str]) -> None:
+        keep = _drop_positions([self._record_name(int(r)) for r in self.records], names)
+        self.records = self.records[keep]
+        self.pids = torch.from_numpy(self.index.pid[self.records].copy())
+        self.skipped = list(names)
 
     def _json(self, record: int) -> dict[str, Any]:
         try:
@@ -296,15 +328,17 @@ class ShardGallery:
                               "rebuild the shards with irra-build-shards") from None
 
     def names(self, indices: Sequence[int]) -> list[str]:
-        return [str(self._json(int(i)).get("rel_path", f"{self.split}#{int(i)}")) for i in indices]
+        records = [int(self.records[int(i)]) for i in indices]
+        return [str(self._json(r).get("rel_path", self._record_name(r))) for r in records]
 
     def load_images(self, indices: Sequence[int]) -> list[Image.Image]:
         images = []
         for i in indices:
+            record = int(self.records[int(i)])
             try:
-                images.append(decode_image(self._reader.read(int(i))[0]))
+                images.append(decode_image(self._reader.read(record)[0]))
             except (*DECODE_ERRORS, RecordError) as err:
-                raise SearchError(f"{self.split} gallery image {int(i)} of {self.shards_dir} is unreadable "
+                raise SearchError(f"{self.split} gallery image {record} of {self.shards_dir} is unreadable "
                                   f"({err}): rebuild the shards with irra-build-shards") from None
         return images
 
@@ -314,14 +348,18 @@ class ShardGallery:
         gallery, _ = build_eval_loaders(self.shards_dir, self.split, batch_size=batch_size,
                                         num_workers=num_workers, image_size=image_size, verify="none",
                                         pin_memory=device.type == "cuda")
-        feats = torch.empty(len(self), model.embed_dim, device=device)
+        feats = torch.empty(len(self.index), model.embed_dim, device=device)
+        seen = torch.zeros(len(self.index), dtype=torch.bool, device=device)
         for batch in gallery:
             images = batch["images"].to(device, non_blocking=True)
-            feats[batch["index"].to(device)] = model.encode_image(images)
-        if gallery.skipped:
-            raise SearchError(f"{gallery.skipped} {self.split} gallery image(s) of {self.shards_dir} are "
-                              "unreadable: rebuild the shards with irra-build-shards")
-        return feats
+            index = batch["index"].to(device)
+            feats[index] = model.encode_image(images)
+            seen[index] = True
+        missing = [self._record_name(r) for r in (~seen).nonzero().flatten().tolist()]
+        if missing:
+            self.drop(missing)
+            _warn_skipped(missing, f"the {self.split} split of {self.shards_dir}")
+        return feats[torch.from_numpy(self.records).to(device)]
 
 
 class _FolderDataset(Dataset):
@@ -370,9 +408,16 @@ class FolderGallery:
             listing.update(f"{rel}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
         self.content_key = f"folder:{listing.hexdigest()}"
         self.pids = None
+        self.skipped: list[str] = []
 
     def __len__(self) -> int:
         return len(self.paths)
+
+    def drop(self, names: Sequence[str]) -> None:
+        keep = _drop_positions(self.rel_paths, names).tolist()
+        self.rel_paths = [self.rel_paths[i] for i in keep]
+        self.paths = [self.paths[i] for i in keep]
+        self.skipped = list(names)
 
     def names(self, indices: Sequence[int]) -> list[str]:
         return [self.rel_paths[int(i)] for i in indices]
@@ -396,12 +441,15 @@ class FolderGallery:
         for images, good in loader:
             feats.append(model.encode_image(images.to(device, non_blocking=True)))
             ok.append(good)
-        bad = (~torch.cat(ok)).nonzero().flatten().tolist()
+        good = torch.cat(ok)
+        bad = [self.rel_paths[i] for i in (~good).nonzero().flatten().tolist()]
+        if len(bad) == len(self.paths):
+            raise SearchError(f"none of the {len(bad)} images in {self.root} could be read: pass a folder of "
+                              "JPEG/PNG images")
         if bad:
-            more = f" and {len(bad) - 1} more" if len(bad) > 1 else ""
-            raise SearchError(f"cannot read image {self.paths[bad[0]]}{more}: remove or replace the "
-                              "unreadable file(s)")
-        return torch.cat(feats)
+            self.drop(bad)
+            _warn_skipped(bad, str(self.root))
+        return torch.cat(feats)[good.to(feats[0].device)]
 
 
 def open_gallery(path: str | os.PathLike, split: str = "test") -> ShardGallery | FolderGallery:
@@ -503,19 +551,25 @@ def gallery_cache_path(cache_dir: Path, weights_sha256: str, gallery: Gallery,
     return cache_dir / f"gallery_{hashlib.sha256(key.encode()).hexdigest()[:24]}.safetensors"
 
 
-def _read_cache(path: Path, num_images: int) -> torch.Tensor | None:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
+def _read_cache(path: Path, gallery: Gallery) -> torch.Tensor | None:
+    """The cached features, with the gallery's unreadable images (recorded with them) dropped from it."""
+    from safetensors import SafetensorError, safe_open
 
     try:
-        feats = load_file(str(path))["feats"]
+        with safe_open(str(path), framework="pt") as f:
+            feats = f.get_tensor("feats")
+            skipped = json.loads((f.metadata() or {}).get("skipped", "[]"))
     except (SafetensorError, OSError, KeyError, ValueError) as err:
         logger.warning("ignoring unreadable gallery cache %s (%s); recomputing", path, err)
         return None
+    num_images = len(gallery) - len(skipped)
     if feats.ndim != 2 or feats.shape[0] != num_images:
         logger.warning("ignoring gallery cache %s: %s features for %d images; recomputing", path,
                        tuple(feats.shape), num_images)
         return None
+    if skipped:
+        gallery.drop(skipped)
+        _warn_skipped(skipped, "the gallery (as when its features were cached)")
     return feats
 
 
@@ -539,7 +593,7 @@ def cached_gallery_features(search_model: SearchModel, gallery: Gallery, *, cach
     weights_sha = file_digest(search_model.weights_path, cache_dir)
     path = gallery_cache_path(cache_dir, weights_sha, gallery, search_model.image_size)
     if path.is_file():
-        feats = _read_cache(path, len(gallery))
+        feats = _read_cache(path, gallery)
         if feats is not None:
             return feats, path, True
     from safetensors.torch import save_file
@@ -549,7 +603,8 @@ def cached_gallery_features(search_model: SearchModel, gallery: Gallery, *, cach
     feats = gallery.encode(model, search_model.image_size, batch_size=batch_size, num_workers=num_workers,
                            device=device).float().cpu().contiguous()
     meta = {"weights_sha256": weights_sha, "gallery": gallery.content_key,
-            "image_size": ",".join(map(str, search_model.image_size)), "num_images": str(len(gallery))}
+            "image_size": ",".join(map(str, search_model.image_size)), "num_images": str(len(gallery)),
+            "skipped": json.dumps(list(getattr(gallery, "skipped", [])))}
     cache_dir.mkdir(parents=True, exist_ok=True)
     atomic_write(path, lambda tmp: save_file({"feats": feats}, tmp, metadata=meta))
     return feats, path, False
@@ -584,6 +639,7 @@ def search(search_model: SearchModel, gallery: Gallery, gallery_feats: torch.Ten
     query_pids = list(query_pids) if query_pids is not None else [None] * len(texts)
     device = torch.device(device)
     model = search_model.model.to(device).eval()
+    warn_long_queries(texts, model.base_model.context_length)
     ids = tokenize(list(texts), context_length=model.base_model.context_length)
     text_feats = torch.cat([model.encode_text(chunk.to(device)) for chunk in ids.split(256)])
     scores, indices = top_k_matches(text_feats.cpu(), gallery_feats, top_k)
@@ -596,6 +652,29 @@ def search(search_model: SearchModel, gallery: Gallery, gallery_feats: torch.Ten
         results.append(QueryResult(text, qpid, scores[q].tolist(), idx, gallery.names(idx), hit_pids,
                                    correct))
     return results
+
+
+def warn_long_queries(texts: Sequence[str], context_length: int) -> list[int]:
+    """Say once when queries are longer than the text tower reads (the rest is cut off, as in training).
+
+    Returns:
+        The 0-based positions of the queries that are cut.
+    """
+    from irra_dist.tokenizer import default_tokenizer
+
+    tok = default_tokenizer()
+    room = context_length - 2  # start and end tokens
+    cut = [q for q, text in enumerate(texts) if len(tok.encode(text)) > room]
+    if cut:
+        words, used = 0, 0
+        for word in texts[cut[0]].split():
+            used += len(tok.encode(word))
+            if used > room:
+                break
+            words += 1
+        logger.warning("%d query/queries longer than the model reads (%d tokens): only the start is used, "
+                       "e.g. the first %d words of query %d", len(cut), context_length, words, cut[0] + 1)
+    return cut
 
 
 # --------------------------------------------------------------------------------------------------
@@ -657,7 +736,13 @@ def _read_queries(args: argparse.Namespace) -> tuple[list[str], list[int | None]
         path = Path(args.queries_file)
         if not path.is_file():
             raise SearchError(f"queries file not found: {path} (pass a text file with one query per line)")
-        lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as err:
+            raise SearchError(f"{path} is not UTF-8 text (byte {err.start} is "
+                              f"0x{err.object[err.start]:02x}): "
+                              "save it as UTF-8, one query per line") from None
+        lines = [line.strip() for line in text.splitlines()]
         lines = [line for line in lines if line]
         if not lines:
             raise SearchError(f"{path} holds no query: write one query per line")

@@ -111,6 +111,108 @@ class GridStyle:
         return width, height
 
 
+# --------------------------------------------------------------------------------------------------
+# Text in any script
+
+FONT_FILES = (
+    "DejaVuSans.ttf",                                   # Latin, Greek, Cyrillic, Arabic, Hebrew, symbols
+    "NotoSans-Regular.ttf",
+    "NotoSansCJK-Regular.ttc", "NotoSansCJKsc-Regular.otf", "NotoSansSC-Regular.otf",  # CJK
+    "DroidSansFallbackFull.ttf",
+    "Symbola.ttf", "Symbola_hint.ttf", "NotoEmoji-Regular.ttf",                       # emoji (monochrome)
+    "unifont.otf", "unifont.ttf", "unifont_upper.otf", "unifont_upper.ttf",          # the rest of Unicode
+)
+"""Fonts tried in this order for each character (file names, found in the usual font folders). DejaVu Sans
+comes with Debian's fonts-dejavu-core (and matplotlib); the others with fonts-noto-cjk, fonts-symbola or
+fonts-unifont when installed. Characters no font has fall back to Pillow's built-in font."""
+
+
+def _font_dirs() -> list[Path]:
+    dirs = [Path.home() / ".local/share/fonts", Path.home() / ".fonts", Path("/usr/local/share/fonts"),
+            Path("/usr/share/fonts")]
+    extra = os.environ.get("IRRA_FONT_DIR")
+    if extra:
+        dirs.insert(0, Path(extra))
+    try:
+        import matplotlib
+
+        dirs.append(Path(matplotlib.get_data_path()) / "fonts" / "ttf")
+    except ImportError:
+        pass
+    return [d for d in dirs if d.is_dir()]
+
+
+@functools.lru_cache(maxsize=1)
+def font_chain_files() -> tuple[Path, ...]:
+    """The installed files of :data:`FONT_FILES`, in that order (looked up once per process)."""
+    found: dict[str, Path] = {}
+    for folder in _font_dirs():
+        for path in folder.rglob("*"):
+            if path.name in FONT_FILES and path.name not in found:
+                found[path.name] = path
+    return tuple(found[name] for name in FONT_FILES if name in found)
+
+
+@functools.cache
+def _codepoints(path: Path) -> frozenset[int] | None:
+    """The characters a font file has glyphs for (its cmap); None when it cannot be read."""
+    try:
+        from fontTools.ttLib import TTFont
+
+        with TTFont(str(path), fontNumber=0, lazy=True) as font:
+            return frozenset(font.getBestCmap() or ())
+    except Exception:  # noqa: BLE001 - a damaged or unsupported font is skipped, never fatal
+        return None
+
+
+class TextFont:
+    """Measures and draws text with, for each character, the first font of the chain that has its glyph.
+
+    Pillow draws characters its font lacks as empty boxes; one font rarely covers Latin, Cyrillic, CJK and
+    emoji together, hence the chain (:data:`FONT_FILES`), ending with Pillow's built-in font.
+    """
+
+    def __init__(self, size: int) -> None:
+        self.fonts: list[tuple[ImageFont.FreeTypeFont | ImageFont.ImageFont, frozenset[int] | None]] = []
+        for path in font_chain_files():
+            codepoints = _codepoints(path)
+            if codepoints is None:
+                continue
+            try:
+                self.fonts.append((ImageFont.truetype(str(path), size), codepoints))
+            except OSError:
+                continue
+        self.fonts.append((ImageFont.load_default(size=size), None))
+
+    def font_for(self, char: str) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
+        code = ord(char)
+        for font, codepoints in self.fonts:
+            if codepoints is None or code in codepoints:
+                return font
+        return self.fonts[-1][0]
+
+    def runs(self, text: str) -> list[tuple[ImageFont.FreeTypeFont | ImageFont.ImageFont, str]]:
+        """`text` cut into pieces that each use one font."""
+        pieces: list[tuple[ImageFont.FreeTypeFont | ImageFont.ImageFont, str]] = []
+        for char in text:
+            font = pieces[-1][0] if char == " " and pieces else self.font_for(char)
+            if pieces and pieces[-1][0] is font:
+                pieces[-1] = (font, pieces[-1][1] + char)
+            else:
+                pieces.append((font, char))
+        return pieces
+
+    def getlength(self, text: str) -> float:
+        return sum(font.getlength(piece) for font, piece in self.runs(text))
+
+    def draw(self, draw: ImageDraw.ImageDraw, xy: tuple[float, float], text: str,
+             fill: tuple[int, ...]) -> None:
+        x, y = xy
+        for font, piece in self.runs(text):
+            draw.text((x, y), piece, fill=fill, font=font)
+            x += font.getlength(piece)
+
+
 def _fit(text: str, font: ImageFont.ImageFont, width: int) -> str:
     """`text` cut (with an ellipsis) to at most `width` pixels."""
     if font.getlength(text) <= width:
@@ -195,7 +297,7 @@ def render_retrieval_grid(rows: Sequence[QueryRow | tuple], out_path: str | os.P
     labelled = any(hit.label for row in rows for hit in row.hits)
     width, height = style.canvas_size(len(rows), k, labelled)
     cell_w, cell_h = style.cell_size
-    font = ImageFont.load_default(size=style.font_size)
+    font = TextFont(style.font_size)
 
     canvas = Image.new("RGB", (width, height), BACKGROUND)
     draw = ImageDraw.Draw(canvas)
@@ -208,7 +310,7 @@ def render_retrieval_grid(rows: Sequence[QueryRow | tuple], out_path: str | os.P
             sep_y = top - style.row_gap // 2
             draw.line([(style.margin, sep_y), (width - style.margin, sep_y)], fill=GREY, width=1)
         for j, line in enumerate(wrap_text(row.text, font, text_width, style.query_lines)):
-            draw.text((style.margin, top + j * style.line_height), line, fill=TEXT, font=font)
+            font.draw(draw, (style.margin, top + j * style.line_height), line, fill=TEXT)
         cell_top = top + style.query_lines * style.line_height + style.text_gap
         for rank, hit in enumerate(row.hits, start=1):
             left = style.margin + (rank - 1) * (cell_w + style.gap)
@@ -220,7 +322,7 @@ def render_retrieval_grid(rows: Sequence[QueryRow | tuple], out_path: str | os.P
             for j, text in enumerate(labels):
                 text = _fit(text, font, cell_w + style.gap)
                 x = left + (cell_w - font.getlength(text)) / 2
-                draw.text((x, cell_top + cell_h + j * style.line_height), text, fill=TEXT, font=font)
+                font.draw(draw, (x, cell_top + cell_h + j * style.line_height), text, fill=TEXT)
     out_path = Path(out_path)
     _save_png_atomic(canvas, out_path)
     return out_path

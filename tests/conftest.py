@@ -9,6 +9,7 @@ an empty batch). The test split has 4 identities x 5 images (20 gallery images, 
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -35,7 +36,8 @@ TINY_RECIPE: dict = {
     "loss": {"names": ["sdm", "id", "mlm"]},
     "optim": {"lr": 1.0e-4, "warmup_epochs": 0},
     "train": {"num_epochs": 1, "batch_size": 16, "log_period": 1},
-    "eval": {"eval_period": 1, "batch_size": 8},
+    # Selected on test, so that the tests comparing evaluations use the 20-item test split (uneven parts).
+    "eval": {"eval_period": 1, "batch_size": 8, "split": "test"},
     "logging": {"wandb": False},
 }
 
@@ -114,15 +116,34 @@ def launch() -> Callable[..., subprocess.CompletedProcess]:
     launch/<script> <args>`` from the repository root."""
 
     def run(accelerate_config: str, script: str, args: list[str], *, launcher_args: list[str] = (),
-            timeout: float = 300) -> subprocess.CompletedProcess:
+            timeout: float = 300, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
         accelerate = Path(sys.executable).with_name("accelerate")
         # A free port per launch: other test runs on the machine may hold the default 29500.
         cmd = [str(accelerate), "launch", "--config_file", f"accelerate_configs/{accelerate_config}",
                "--main_process_port", str(free_port()), *launcher_args, f"launch/{script}", *args]
-        return subprocess.run(cmd, cwd=REPO, env=subprocess_env(), capture_output=True, text=True,
-                              timeout=timeout)
+        return run_group(cmd, timeout=timeout, env={**subprocess_env(), **(env or {})})
 
     return run
+
+
+def run_group(cmd: list[str], *, timeout: float, env: dict[str, str] | None = None,
+              ) -> subprocess.CompletedProcess:
+    """Run `cmd` from the repository root in its own process group; on timeout kill the whole group (a
+    launcher's training processes included), then fail the test."""
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env or subprocess_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        pytest.fail(f"{' '.join(cmd[:6])}... ran over {timeout} s and was killed:\n{(out + err)[-3000:]}")
+    finally:
+        try:  # leftovers of a launcher that exited early
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
 @pytest.fixture(scope="session")
@@ -136,8 +157,8 @@ def demo_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
     for limit in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):  # the demo uses every core, as for a user
         env.pop(limit)
     cmd = [str(accelerate), "launch", "--main_process_port", str(free_port()), "launch/train.py",
-           f"data.shards={root / 'shards' / 'demo'}", f"train.output_dir={root / 'runs'}",
-           "train.run_name=demo"]
+           f"data.shards={root / 'shards' / 'demo'}", "data.build_demo_if_missing=true",
+           f"train.output_dir={root / 'runs'}", "train.run_name=demo"]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=1200)
     output = proc.stdout + proc.stderr
     assert proc.returncode == 0, output[-3000:]

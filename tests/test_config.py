@@ -49,12 +49,24 @@ def test_every_recipe_loads_and_round_trips(name, tmp_path):
 
 def test_dataset_recipes_inherit_the_official_one():
     official = load_config("irra_official")
-    for name, shards in [("irra_icfg_pedes", "shards/ICFG-PEDES"), ("irra_rstpreid", "shards/RSTPReid")]:
+    dataset_recipes = {"irra_icfg_pedes": "shards/ICFG-PEDES-val300", "irra_rstpreid": "shards/RSTPReid",
+                       "irra_official_icfg_pedes": "shards/ICFG-PEDES",
+                       "irra_official_rstpreid": "shards/RSTPReid"}
+    for name, shards in dataset_recipes.items():
         cfg = load_config(name)
         assert cfg.data.shards == shards
         assert cfg.optim == official.optim and cfg.model == official.model
     eight = load_config("irra_8gpu")
     assert eight.train.batch_size * 8 == official.train.batch_size
+
+
+def test_only_the_official_recipes_select_on_test():
+    for path in sorted(RECIPES_DIR.glob("*.yaml")):
+        cfg = load_config(path)
+        if path.stem.startswith("irra_official"):
+            assert (cfg.eval.split, cfg.eval.track_splits) == ("test", ["val"]), path.name
+        else:
+            assert (cfg.eval.split, cfg.eval.final_test) == ("val", True), path.name
 
 
 def test_overrides_are_typed_and_nested():

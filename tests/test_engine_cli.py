@@ -120,10 +120,25 @@ def test_offline_wandb_run_holds_the_logged_metrics_and_eval_cli_reads_the_run(t
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     monkeypatch.delenv("WANDB_MODE", raising=False)
     monkeypatch.setenv("NETRC", str(tiny_recipe.parent / "no_netrc"))
-    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.delenv("WANDB_SILENT", raising=False)  # as a user has it
+    import wandb
+
+    from irra_dist.engine.trainer import Trainer
+
+    wandb_running_at_summary = []
+    summary = Trainer._log_summary
+    monkeypatch.setattr(Trainer, "_log_summary",
+                        lambda self: (wandb_running_at_summary.append(wandb.run is not None), summary(self)))
     assert train_main(["--config", str(tiny_recipe), "train.run_name=wb", "logging.wandb=true",
-                       "logging.wandb_mode=auto"]) == 0
+                       "logging.wandb_mode=auto", "eval.split=val"]) == 0
     run = tiny_recipe.parent / "runs" / "wb"
+    # What the user read (issue 18): a config summary (the config is in config.yaml), no W&B history
+    # panel, and the run's final table and folder as the last lines: W&B has closed before they print.
+    console = "".join(capsys.readouterr())
+    assert "full config: " in console and "vision_layers:" not in console
+    assert "Run summary" not in console and "Run history" not in console
+    assert wandb_running_at_summary == [False]
+    assert "FutureWarning" not in console and "Setting accelerator to CPU" not in console
     files = glob.glob(str(run / "wandb" / "offline-run-*" / "run-*.wandb"))
     assert len(files) == 1
     history = _wandb_history(Path(files[0]))
@@ -136,15 +151,28 @@ def test_offline_wandb_run_holds_the_logged_metrics_and_eval_cli_reads_the_run(t
         assert float(logged[str(row["step"])]["train/global_batch"]) == 16
         assert row["samples_per_s"] > 0 and row["lr"] == pytest.approx(1e-4)
     eval_row = [row for row in metrics if row["kind"] == "eval"][0]
-    r1 = [float(row["eval/t2i_R1"]) for row in history if "eval/t2i_R1" in row]
+    assert eval_row["split"] == "val" and eval_row["selects"]
+    r1 = [float(row["val/t2i_R1"]) for row in history if "val/t2i_R1" in row]
     assert r1 == [pytest.approx(eval_row["metrics"]["t2i"]["R1"])]
+    # test touched once, after training, on best (= last here: one epoch); logged under the selection rule
+    finals = [row for row in metrics if row["kind"] == "final"]
+    assert [(row["weights"], row["epoch"], row["split"]) for row in finals] == [("best", 1, "test"),
+                                                                                ("last", 1, "test")]
+    best_r1 = finals[0]["metrics"]["t2i"]["R1"]
+    for rule in ("best_on_val", "last"):
+        logged_r1 = [float(row[f"{rule}/test_t2i_R1"]) for row in history if f"{rule}/test_t2i_R1" in row]
+        assert logged_r1 == [pytest.approx(best_r1)]
+    assert not any("test/t2i_R1" in row for row in history)  # no per-epoch test metric exists
+    tables = [row for row in history if row.get("results/test_t2i/_type") == '"table-file"']
+    assert len(tables) == 1
     assert "W&B is offline" in (run / "train_log.txt").read_text()
     # the retrieval grid of the evaluation: a PNG in the run folder, logged to W&B as an image
     grid = run / "retrieval" / "epoch_001.png"
     with Image.open(grid) as image:
         assert image.format == "PNG" and image.width > 0
-    images = [row for row in history if row.get("eval/retrieval_examples/_type") == '"image-file"']
-    assert len(images) == 1 and images[0]["eval/retrieval_examples/format"] == '"png"'
+    images = [row for row in history if row.get("val/retrieval_examples/_type") == '"image-file"']
+    assert len(images) == 1 and images[0]["val/retrieval_examples/format"] == '"png"'
+    assert len([row for row in history if row.get("test/retrieval_examples/_type") == '"image-file"']) == 1
 
     # irra-eval on the run folder: the table on stdout and the same numbers in --out.
     capsys.readouterr()
@@ -154,7 +182,8 @@ def test_offline_wandb_run_holds_the_logged_metrics_and_eval_cli_reads_the_run(t
     assert "| t2i  |" in printed and "| i2t  |" in printed
     result = json.loads(out.read_text())
     assert result["target"].endswith("best.safetensors")
-    assert result["metrics"]["t2i"]["R1"] == pytest.approx(eval_row["metrics"]["t2i"]["R1"], abs=1e-4)
+    assert result["split"] == "test"
+    assert result["metrics"]["t2i"] == pytest.approx(finals[0]["metrics"]["t2i"], abs=1e-4)
 
     # --export-official: the best weights as an official best.pth ({"model": state_dict}, same tensors).
     import torch

@@ -56,7 +56,20 @@ def runs(make_tiny_recipe, launch, tmp_path_factory: pytest.TempPathFactory) -> 
                       launcher_args=extra)
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
         out[name] = tmp / "runs" / name
+        (tmp / f"{name}.console.txt").write_text(done.stdout + done.stderr)  # what a user reads
     return out
+
+
+def test_console_of_a_launched_run_holds_only_lines_worth_reading(runs: dict[str, Path]) -> None:
+    ddp = (runs["ddp"].parent.parent / "ddp.console.txt").read_text()
+    zero2 = (runs["zero2"].parent.parent / "zero2.console.txt").read_text()
+    for console in (ddp, zero2):
+        assert "Warning" not in console, console[-3000:]  # e.g. Accelerate's broadcast_buffers deprecation
+        assert "Traceback" not in console
+        # a three-line summary of the recipe, not the 60-line config (it is in config.yaml and W&B)
+        assert "full config: " in console and "vision_layers:" not in console
+    # DeepSpeed is not imported by a run that does not use it
+    assert "Setting accelerator to CPU" not in ddp
 
 
 @pytest.mark.parametrize("name", ["ddp", "zero2"])

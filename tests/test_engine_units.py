@@ -165,7 +165,8 @@ def test_metrics_writer_appends_and_truncates_after_a_step(tmp_path: Path) -> No
 def test_cpu_threads_share_the_cores_among_local_processes(monkeypatch) -> None:
     from irra_dist.engine.accel import cpu_threads
 
-    monkeypatch.setattr("os.cpu_count", lambda: 8)
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(8)))
+    monkeypatch.setattr("os.getloadavg", lambda: (0.0, 0.0, 0.0))  # an idle machine
     monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
     assert cpu_threads(0) == 8  # one process: every core, whatever OMP_NUM_THREADS accelerate exported
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")

@@ -335,8 +335,9 @@ def _bad_inputs(world: SimpleNamespace, tmp: Path) -> dict[str, list[str]]:
     empty.mkdir()
     corrupt = tmp / "corrupt"
     corrupt.mkdir()
-    (corrupt / "a.jpg").write_bytes(next(world.test_images.glob("*.jpg")).read_bytes())
     (corrupt / "b.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
+    latin1 = tmp / "latin1.txt"
+    latin1.write_bytes("une personne en veste bleue, très grande\n".encode("latin-1"))
     no_weights = tmp / "no_weights"
     no_weights.mkdir()
     (no_weights / "config.yaml").write_text((world.run / "config.yaml").read_text())
@@ -347,7 +348,8 @@ def _bad_inputs(world: SimpleNamespace, tmp: Path) -> dict[str, list[str]]:
         "run without weights": ["--run", str(no_weights), *q],
         "missing checkpoint": ["--checkpoint", str(tmp / "nope.safetensors"), *q],
         "empty gallery folder": [*run, "--gallery", str(empty), *q],
-        "unreadable image": [*run, "--gallery", str(corrupt), *q],
+        "no readable image": [*run, "--gallery", str(corrupt), *q],
+        "queries file not UTF-8": [*run, "--queries-file", str(latin1)],
         "missing gallery": [*run, "--gallery", str(tmp / "nowhere"), *q],
         "split captions need shards": [*run, "--gallery", str(world.test_images),
                                        "--from-split-captions", "2"],
@@ -361,8 +363,9 @@ def _bad_inputs(world: SimpleNamespace, tmp: Path) -> dict[str, list[str]]:
 
 
 BAD_INPUTS = ["missing run", "run without weights", "missing checkpoint", "empty gallery folder",
-              "unreadable image", "missing gallery", "split captions need shards", "pid count mismatch",
-              "no query", "empty query", "missing queries file", "unknown split", "bad top-k"]
+              "no readable image", "queries file not UTF-8", "missing gallery", "split captions need shards",
+              "pid count mismatch", "no query", "empty query", "missing queries file", "unknown split",
+              "bad top-k"]
 
 
 @pytest.mark.parametrize("case", BAD_INPUTS)
@@ -371,8 +374,43 @@ def test_bad_input_exits_2_with_one_line(world: SimpleNamespace, tmp_path: Path,
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("irra-search: error: ") and "\n" not in err, err
-    if case == "unreadable image":
-        assert "b.jpg" in err
+    if case == "no readable image":
+        assert "could be read" in err
+    if case == "queries file not UTF-8":
+        assert "latin1.txt is not UTF-8" in err and "0xe8" in err  # the è of "très" in Latin-1
+
+
+def test_unreadable_gallery_images_are_skipped_and_counted(world: SimpleNamespace, tmp_path: Path,
+                                                          capsys, caplog) -> None:
+    folder = tmp_path / "gallery"
+    folder.mkdir()
+    paths = sorted(world.test_images.glob("*.jpg"))[:4]
+    for path in paths:
+        (folder / path.name).write_bytes(path.read_bytes())
+    (folder / "zz_broken.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
+    argv = ["--run", str(world.run), "--gallery", str(folder), "--query", QUERIES[0], "--top-k", "10",
+            "--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path / "g.png"), "--num-workers", "0"]
+    for attempt in ("computed", "cached"):
+        caplog.clear()
+        assert main(argv) == 0, attempt
+        (rows,) = _parse(capsys.readouterr().out)
+        order, scores = _reference_ranking(world.model, paths, QUERIES[:1], 4)
+        assert [r[4] for r in rows] == [paths[i].name for i in order[0]]  # the 4 readable ones, ranked
+        assert [r[1] for r in rows] == pytest.approx(scores[0].tolist(), abs=1e-4)
+        warned = [r.getMessage() for r in caplog.records if "unreadable" in r.getMessage()]
+        assert len(warned) == 1 and "skipped 1 unreadable image(s)" in warned[0]
+        assert "zz_broken.jpg" in warned[0]
+
+
+def test_a_query_longer_than_the_model_reads_is_said_once(world: SimpleNamespace, tmp_path: Path, capsys,
+                                                         caplog) -> None:
+    long_query = " ".join(["red"] * 10_000)
+    argv = ["--run", str(world.run), "--query", long_query, "--query", QUERIES[0], "--top-k", "1",
+            "--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path / "g.png"), "--num-workers", "0"]
+    assert main(argv) == 0
+    warned = [r.getMessage() for r in caplog.records if "longer than the model reads" in r.getMessage()]
+    # "red" is one BPE token: 77 minus the start and end tokens leaves 75 words
+    assert len(warned) == 1 and "1 query/queries" in warned[0] and "first 75 words of query 1" in warned[0]
 
 
 def test_queries_file_one_per_line(world: SimpleNamespace, tmp_path: Path, capsys) -> None:

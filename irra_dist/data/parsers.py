@@ -20,6 +20,7 @@ request; each skip is counted and its reason kept.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -123,6 +124,11 @@ class ParsedDataset:
     skipped_reasons: list[str] = field(default_factory=list)
     skipped_train_pids: frozenset[int] = frozenset()
     """Train pids of records skipped only because their image file is missing; they remain classes."""
+    identities: str = "given"
+    """"given" (annotated pids) or "per_image" (no pids: each image is its own identity, so an ID
+    classifier would only memorise images and the trainer turns the ID loss off)."""
+    val_from_train: dict[str, Any] | None = None
+    """Set by :func:`carve_val_identities`: how many training identities became the val split, and which."""
 
     def _records(self, split: str) -> list[ImageRecord]:
         if split not in self.splits:
@@ -331,3 +337,62 @@ def parse_dataset(name: str, root: str | os.PathLike, *, skip_bad: bool = False,
                             len(skipped), skipped, frozenset(skipped_train_pids))
     logger.info("%s loaded from %s\n%s", canonical, annotation_path, dataset.table())
     return dataset
+
+
+VAL_CARVE_RULE = "the num_ids train ids with the smallest sha256('irra_dist-val:<id>')"
+
+
+def carve_val_identities(parsed: ParsedDataset, num_ids: int) -> ParsedDataset:
+    """Move `num_ids` whole training identities, all their images and captions, into the val split.
+
+    For a dataset without a val split (ICFG-PEDES), so that a model can be selected without the test split.
+    The identities are the ones whose annotation id has the smallest SHA-256 of ``"irra_dist-val:<id>"``:
+    spread over the id range, the same on every machine and library version (no RNG stream involved).
+    The remaining train pids are renumbered 0..M-1 in their old order (the classifier's classes); the
+    carved images keep their annotation id as pid, as val/test images do; image ids are recounted per split
+    in annotation order.
+
+    Args:
+        parsed: the parsed dataset; returned unchanged when `num_ids` is 0.
+        num_ids: identities to move.
+
+    Returns:
+        A new ParsedDataset, with ``val_from_train`` recording the count, the rule and the annotation ids.
+
+    Raises:
+        DatasetError: the dataset already has a val split, or `num_ids` leaves no training identity.
+    """
+    if num_ids == 0:
+        return parsed
+    spec = DATASET_SPECS[parsed.name]
+    if parsed.splits["val"]:
+        raise DatasetError(f"{parsed.name} already has a val split ({len(parsed.splits['val'])} images): "
+                           "--val-ids is for datasets without one (ICFG-PEDES); drop --val-ids")
+    train_pids = sorted({r.pid for r in parsed.splits["train"]} | parsed.skipped_train_pids)
+    if not 0 < num_ids < len(train_pids):
+        raise DatasetError(f"--val-ids {num_ids}: {parsed.name} has {len(train_pids)} training identities; "
+                           f"choose 1 to {len(train_pids) - 1}")
+
+    def annotation_id(pid: int) -> int:
+        return pid + spec.train_pid_offset
+
+    def rank(pid: int) -> bytes:
+        return hashlib.sha256(f"irra_dist-val:{annotation_id(pid)}".encode()).digest()
+
+    carved = set(sorted(train_pids, key=rank)[:num_ids])
+    kept = [pid for pid in train_pids if pid not in carved]
+    new_pid = {old: new for new, old in enumerate(kept)}
+    train: list[ImageRecord] = []
+    val: list[ImageRecord] = []
+    for record in parsed.splits["train"]:
+        if record.pid in carved:
+            val.append(dataclasses.replace(record, image_id=len(val), pid=annotation_id(record.pid)))
+        else:
+            train.append(dataclasses.replace(record, image_id=len(train), pid=new_pid[record.pid]))
+    carved_ids = sorted(annotation_id(pid) for pid in carved)
+    logger.info("%s: %d of %d training identities carved into the val split (%d images)", parsed.name,
+                num_ids, len(train_pids), len(val))
+    return dataclasses.replace(
+        parsed, splits={"train": train, "val": val, "test": parsed.splits["test"]},
+        skipped_train_pids=frozenset(new_pid[p] for p in parsed.skipped_train_pids if p in new_pid),
+        val_from_train={"num_ids": num_ids, "rule": VAL_CARVE_RULE, "ids": carved_ids})

@@ -34,6 +34,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from irra_dist.data.shards import (
+    _REBUILD_HINT,
     MANIFEST_NAME,
     RecordError,
     RecordReader,
@@ -248,6 +249,30 @@ class _RankBatchSampler:
             yield [(epoch, p, int(order[p])) for p in range(start + lo, start + hi)]
 
 
+def _check_train_ids(index: SplitIndex, manifest: dict[str, Any], shards_dir: str | os.PathLike) -> None:
+    """What training relies on, checked before it starts: every train pid is a class of the ID classifier
+    (0 <= pid < num_train_ids) and the caption count is the manifest's (an edited or mismatched manifest
+    would otherwise fail mid-step, e.g. a target out of bounds in the ID loss).
+
+    Raises:
+        ShardError: one line naming the disagreement.
+    """
+    where = os.path.join(shards_dir, MANIFEST_NAME)
+    num_ids = manifest.get("num_train_ids")
+    if isinstance(num_ids, bool) or not isinstance(num_ids, int) or num_ids < 1:
+        raise ShardError(f"{where} has num_train_ids={num_ids!r}, not a positive integer: "
+                         f"{_REBUILD_HINT.format(out=shards_dir)}")
+    low, high = int(index.pid.min()), int(index.pid.max())
+    if low < 0 or high >= num_ids:
+        raise ShardError(f"{where} says num_train_ids={num_ids} but the train split has person id "
+                         f"{high if high >= num_ids else low} (ids must lie in 0..{num_ids - 1}): "
+                         f"{_REBUILD_HINT.format(out=shards_dir)}")
+    captions = manifest["splits"]["train"].get("num_captions")
+    if captions is not None and int(captions) != int(index.num_captions.sum()):
+        raise ShardError(f"{where} says the train split has {captions} captions but its index holds "
+                         f"{int(index.num_captions.sum())}: {_REBUILD_HINT.format(out=shards_dir)}")
+
+
 class TrainLoader:
     """This rank's training batches; the global batch sequence depends only on (seed, epoch, batch size).
 
@@ -320,6 +345,7 @@ class TrainLoader:
         self.global_batch_size, self.sampler, self.num_instances = global_batch_size, sampler, num_instances
         self.drop_last = drop_last
         self.num_train_ids = int(self.manifest["num_train_ids"])
+        _check_train_ids(index, self.manifest, shards_dir)
         self.skipped = 0
         # Sample s is caption sample_caption[s] of record sample_record[s], in record order.
         counts = index.num_captions

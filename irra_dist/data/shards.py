@@ -48,6 +48,7 @@ from irra_dist.data.parsers import (
     DatasetNotFoundError,
     ImageRecord,
     ParsedDataset,
+    carve_val_identities,
     parse_dataset,
 )
 
@@ -202,7 +203,8 @@ def _check_destination(out: Path, parsed: ParsedDataset, overwrite: bool) -> Non
         try:
             old = json.loads(manifest_path.read_bytes())
             same = (old.get("dataset") == parsed.name
-                    and old.get("annotation_sha256") == parsed.annotation_sha256)
+                    and old.get("annotation_sha256") == parsed.annotation_sha256
+                    and old.get("val_from_train") == parsed.val_from_train)
             described = f"{old.get('dataset')!r} (annotation sha256 {str(old.get('annotation_sha256'))[:12]})"
         except (ValueError, AttributeError):
             same, described = False, "an unreadable manifest"
@@ -300,6 +302,8 @@ def build_shards(parsed_or_name: ParsedDataset | str, root: str | os.PathLike | 
         # captions) must not shrink the classifier while other pids up to N-1 still occur.
         "num_train_ids": parsed.num_train_ids,
         "num_skipped": parsed.num_skipped + len(build_skipped),
+        # Set when the val split was carved from the training identities (irra-build-shards --val-ids N).
+        "val_from_train": parsed.val_from_train,
         "splits": splits,
     }
     _atomic_write_bytes(out / MANIFEST_NAME, _json_bytes(manifest, indent=1) + b"\n")
@@ -308,7 +312,8 @@ def build_shards(parsed_or_name: ParsedDataset | str, root: str | os.PathLike | 
     for stale in _our_files(out):
         if stale.name not in listed:
             stale.unlink()
-    logger.info("%s shards complete in %s\n%s", parsed.name, out, parsed.table())
+    # The dataset table was logged when the annotations were parsed; not twice.
+    logger.info("%s shards complete in %s", parsed.name, out)
     return manifest
 
 
@@ -606,6 +611,10 @@ def _arg_parser() -> argparse.ArgumentParser:
                         help="store images resized to HxW (bilinear, lossless), e.g. 384x128")
     parser.add_argument("--pre-resize-format", choices=PRE_RESIZE_FORMATS, default="png",
                         help="format of pre-resized images: png (compact) or ppm (raw RGB, fastest to load)")
+    parser.add_argument("--val-ids", type=int, default=0, metavar="N",
+                        help="move N whole training identities into a val split, deterministically (for "
+                             "datasets without one: ICFG-PEDES; configs/irra_icfg_pedes.yaml uses 300); "
+                             "default 0: the official splits")
     parser.add_argument("--skip-bad", action="store_true", help="skip bad records instead of stopping")
     parser.add_argument("--overwrite", action="store_true", help="replace another dataset's shards in --out")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -622,7 +631,8 @@ def main(argv: list[str] | None = None) -> int:
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
-        parsed = parse_dataset(args.dataset, args.root, skip_bad=args.skip_bad)
+        parsed = carve_val_identities(parse_dataset(args.dataset, args.root, skip_bad=args.skip_bad),
+                                      args.val_ids)
         out = Path(args.out) if args.out else Path("shards") / parsed.name
         print(parsed.table())
         manifest = build_shards(parsed, None, out, shard_size=args.shard_size, workers=args.workers,

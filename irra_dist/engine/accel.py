@@ -11,13 +11,15 @@ from __future__ import annotations
 import datetime
 import logging
 import os
+import warnings
 from typing import Any
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedDataParallelKwargs, DistributedType, InitProcessGroupKwargs
+from accelerate.utils import DistributedType, InitProcessGroupKwargs, is_compiled_module
 
 from irra_dist.config import Config, ConfigError
+from irra_dist.engine.gradcache import check_chunking
 
 logger = logging.getLogger(__name__)
 
@@ -69,8 +71,15 @@ def build_accelerator(cfg: Config, *, log_with: str | None = None) -> Accelerato
         ConfigError: a DeepSpeed JSON value that contradicts the recipe.
     """
     cuda = torch.cuda.is_available()
-    # The logit-scale buffer is constant, so DDP need not broadcast buffers every forward.
-    handlers: list[Any] = [DistributedDataParallelKwargs(broadcast_buffers=False)]
+    check_process_count(cuda)
+    if deepspeed_requested():
+        locate_deepspeed_json()
+        # DeepSpeed's ZeRO collectives call torch.distributed functions that torch deprecates: a warning per
+        # call site and process (~200 lines under ZeRO-3) that a user can do nothing about.
+        warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated",
+                                category=FutureWarning)
+    # DDP's buffer broadcast is turned off per model (ddp_ignores_buffers), not with broadcast_buffers.
+    handlers: list[Any] = []
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         # Only with a launcher: a backend without a process group to create makes Accelerate fail.
         handlers.append(InitProcessGroupKwargs(backend="nccl" if cuda else "gloo",
@@ -86,6 +95,7 @@ def build_accelerator(cfg: Config, *, log_with: str | None = None) -> Accelerato
     if accelerator.distributed_type == DistributedType.DEEPSPEED:
         fill_deepspeed_config(accelerator.state.deepspeed_plugin.deepspeed_config, cfg,
                               accelerator.num_processes)
+        check_chunking(cfg, accelerator.state.deepspeed_plugin.deepspeed_config)
     if cuda:
         # fp32 matmuls (the classifier and MLM head run outside autocast) may use TF32 tensor cores.
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -95,16 +105,86 @@ def build_accelerator(cfg: Config, *, log_with: str | None = None) -> Accelerato
     return accelerator
 
 
+def locate_deepspeed_json() -> None:
+    """Let ``accelerate launch --config_file accelerate_configs/deepspeed_zero*.yaml`` run from anywhere.
+
+    The YAML names its JSON relative to the repository root; from another directory Accelerate fails with a
+    traceback. A relative path that does not exist here but does under the repository is made absolute.
+    """
+    from irra_dist.config import RECIPES_DIR
+
+    name = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE", "")
+    if not name or name == "none" or os.path.isabs(name) or os.path.exists(name):
+        return
+    in_repo = RECIPES_DIR.parent / name
+    if in_repo.is_file():
+        os.environ["ACCELERATE_DEEPSPEED_CONFIG_FILE"] = str(in_repo)
+    else:
+        raise ConfigError(f"the DeepSpeed config {name} named by the accelerate config does not exist "
+                          f"(looked in {os.getcwd()} and {RECIPES_DIR.parent}): give its absolute path")
+
+
+def check_process_count(cuda: bool) -> None:
+    """Refuse more processes per machine than GPUs, before any process group exists.
+
+    The launcher configs (accelerate_configs/*.yaml) name a process count for an 8-GPU machine; on a machine
+    with fewer GPUs the extra processes would share GPUs (or fail) instead of saying what to pass. On the CPU
+    any count runs, but more processes than usable cores only slows every one of them down.
+
+    Raises:
+        ConfigError: more local processes than GPUs (one line with the ``--num_processes`` to pass).
+    """
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    if cuda:
+        gpus = torch.cuda.device_count()
+        if local > gpus:
+            raise ConfigError(f"accelerate launch started {local} processes on this machine but it has "
+                              f"{gpus} GPU(s): pass --num_processes {gpus} to accelerate launch")
+    elif local > usable_cores() and int(os.environ.get("LOCAL_RANK", "0")) == 0:
+        logger.warning("%d processes share %d usable CPU cores: pass --num_processes %d (or fewer) to "
+                       "accelerate launch for a faster run", local, usable_cores(), usable_cores())
+
+
 def cpu_threads(setting: int) -> int:
-    """Threads per process on the CPU: `setting`, or with 0 the machine's cores shared by the local processes.
+    """Threads per process on the CPU: `setting`, or with 0 the cores actually free, shared by the local
+    processes (:func:`free_cores`).
 
     `accelerate launch` exports OMP_NUM_THREADS=1 whenever it is not told otherwise, which leaves all but one
-    core idle in a single-process CPU run; "auto" undoes that.
+    core idle in a single-process CPU run; 0 undoes that.
     """
     if setting > 0:
         return setting
     local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    return max(1, (os.cpu_count() or 1) // local_processes)
+    threads = max(1, free_cores() // local_processes)
+    logger.info("CPU threads per process: %d (train.cpu_threads=0: %d usable cores, 1-minute load %.1f, "
+                "%d local processes)", threads, usable_cores(), _load_average(), local_processes)
+    return threads
+
+
+def usable_cores() -> int:
+    """Cores this process may run on (its CPU affinity: taskset, cgroup cpusets), not the machine's count."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def _load_average() -> float:
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return 0.0
+
+
+def free_cores(usable: int | None = None, load: float | None = None) -> int:
+    """Usable cores minus those other jobs keep busy (the 1-minute load average, rounded), at least 1.
+
+    Oversubscribed cores slow every thread down (on 2 cores shared with another job, 2 threads trained at
+    7-9 samples/s against 21-29 with 1), so threads go to the cores that are free when the run starts.
+    """
+    usable = usable_cores() if usable is None else usable
+    load = _load_average() if load is None else load
+    return max(1, min(usable, usable - round(load)))
 
 
 def fill_deepspeed_config(ds_config: dict[str, Any], cfg: Config, num_processes: int) -> None:
@@ -137,6 +217,30 @@ def fill_deepspeed_config(ds_config: dict[str, Any], cfg: Config, num_processes:
     if "optimizer" in ds_config or "scheduler" in ds_config:
         raise ConfigError("the DeepSpeed config defines an optimizer or scheduler, but irra_dist builds its "
                           "own (optim.* in the recipe): remove those sections from the DeepSpeed JSON")
+
+
+def unwrap(accelerator: Accelerator, model: torch.nn.Module) -> torch.nn.Module:
+    """The bare model inside DDP / torch.compile / a DeepSpeed engine.
+
+    ``accelerator.unwrap_model`` imports DeepSpeed whenever it is installed, which logs "Setting accelerator
+    to CPU" at every CPU evaluation of a run that does not use DeepSpeed; only DeepSpeed runs go through it.
+    """
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        return accelerator.unwrap_model(model, keep_torch_compile=False)
+    while True:
+        if isinstance(model, torch.nn.parallel.DistributedDataParallel | torch.nn.DataParallel):
+            model = model.module
+        elif is_compiled_module(model):
+            model = model._orig_mod
+        else:
+            return model
+
+
+def ddp_ignores_buffers(model: torch.nn.Module) -> None:
+    """Keep DDP from broadcasting `model`'s buffers before every forward (they are constants, e.g. the fixed
+    logit scale), without Accelerate's deprecated ``broadcast_buffers=False``."""
+    names = [name for name, _ in model.named_buffers()]
+    torch.nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, names)
 
 
 def zero_stage(accelerator: Accelerator) -> int:

@@ -6,7 +6,8 @@ Layout of a run folder's ``checkpoints/``::
         model.safetensors, optimizer.bin, ...   Accelerate's save_state (or DeepSpeed's files)
         rng_state_<rank>.safetensors            every rank's RNG state (no pickle)
         trainer_state.json                      epoch, position in the epoch, step, best R1, scheduler
-        files.json                              every file's size, written last: marks the save complete
+        files.json                              every file's size and SHA-256, written last: marks the
+                                                save complete; checked on every rank at resume
     last -> state-00000120-3f9a1c               symbolic links, replaced atomically
     best -> state-00000100-0b77d2
 
@@ -25,6 +26,7 @@ only resume DeepSpeed runs from checkpoints you wrote yourself.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 import os
@@ -40,11 +42,12 @@ from typing import Any
 import numpy as np
 import torch
 from accelerate import Accelerator
+from accelerate.utils import DistributedType
 from safetensors import SafetensorError
 from safetensors.torch import save_file
 from torch import nn
 
-from irra_dist.engine.accel import zero_stage
+from irra_dist.engine.accel import unwrap, zero_stage
 from irra_dist.model import CheckpointError, save_weights_safetensors
 
 logger = logging.getLogger(__name__)
@@ -154,8 +157,23 @@ def full_parameters(accelerator: Accelerator, module: nn.Module) -> AbstractCont
     return nullcontext()
 
 
-def _file_sizes(folder: Path) -> dict[str, int]:
-    return {str(p.relative_to(folder)): p.stat().st_size for p in sorted(folder.rglob("*")) if p.is_file()}
+def _sha256(path: Path) -> str:
+    with path.open("rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def _file_listing(accelerator: Accelerator, folder: Path) -> dict[str, dict[str, Any]]:
+    """Every file's size and SHA-256, hashed right after the save (the bytes are still in the page cache),
+    the files shared out among the ranks; the complete listing on the main process."""
+    names = [str(p.relative_to(folder)) for p in sorted(folder.rglob("*")) if p.is_file()]
+    mine = names[accelerator.process_index::accelerator.num_processes]
+    listing = {name: {"size": (folder / name).stat().st_size, "sha256": _sha256(folder / name)}
+               for name in mine}
+    if accelerator.num_processes > 1:
+        from accelerate.utils import gather_object
+
+        listing = {k: v for part in gather_object([listing]) for k, v in part.items()}
+    return {name: listing[name] for name in names}
 
 
 def _point_link(link: Path, target_name: str) -> None:
@@ -195,12 +213,14 @@ def save_checkpoint(accelerator: Accelerator, run_dir: Path, state: TrainerState
     # DeepSpeed needs every rank in save_state (each writes its own optimizer partition).
     accelerator.save_state(str(staging))
     save_rng_state(staging / RNG_FILE.format(rank=accelerator.process_index))
-    accelerator.wait_for_everyone()
-    final = root / f"{_STATE_PREFIX}{state.step:08d}-{uuid.uuid4().hex[:6]}"
     if accelerator.is_main_process:
         (staging / STATE_FILE).write_text(state.to_json())
+    accelerator.wait_for_everyone()
+    listing = _file_listing(accelerator, staging)
+    final = root / f"{_STATE_PREFIX}{state.step:08d}-{uuid.uuid4().hex[:6]}"
+    if accelerator.is_main_process:
         # Written last, after every rank finished: its presence marks a complete checkpoint.
-        (staging / FILES_FILE).write_text(json.dumps(_file_sizes(staging), indent=1))
+        (staging / FILES_FILE).write_text(json.dumps(listing, indent=1))
         os.rename(staging, final)
         for name in links:
             _point_link(root / name, final.name)
@@ -210,16 +230,39 @@ def save_checkpoint(accelerator: Accelerator, run_dir: Path, state: TrainerState
     return final
 
 
+def fp32_master_weights(accelerator: Accelerator, module: nn.Module) -> dict[int, torch.Tensor] | None:
+    """The optimizer's fp32 copy of every parameter when DeepSpeed keeps the module in fp16/bf16, by
+    ``id(parameter)``; None otherwise (the module's own weights are then the fp32 ones). All ranks call it
+    (the copies are partitioned across ranks under ZeRO)."""
+    if accelerator.distributed_type != DistributedType.DEEPSPEED:
+        return None
+    params = list(module.parameters())
+    if not params or params[0].dtype not in (torch.float16, torch.bfloat16):
+        return None
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    masters = {id(p): safe_get_full_fp32_param(p) for p in params}
+    return None if any(m is None for m in masters.values()) else masters
+
+
 def export_weights(accelerator: Accelerator, model: nn.Module, path: Path,
                    metadata: dict[str, str] | None = None) -> None:
-    """Write the model's weights as ``path`` (safetensors, official key names, no ``module.``).
+    """Write the model's weights as ``path`` (safetensors, official key names, no ``module.``), in fp32.
 
-    All ranks call it (ZeRO-3 gathers the parameters); the main process writes, atomically.
+    Under DeepSpeed with fp16/bf16 the module itself holds half-precision weights; the file gets the
+    optimizer's fp32 master weights instead. All ranks call it (ZeRO gathers the parameters and their
+    masters); the main process writes, atomically.
     """
-    unwrapped = accelerator.unwrap_model(model, keep_torch_compile=False)
+    unwrapped = unwrap(accelerator, model)
+    masters = fp32_master_weights(accelerator, unwrapped)
     with full_parameters(accelerator, unwrapped):
         if accelerator.is_main_process:
-            save_weights_safetensors(unwrapped, path, metadata)
+            params = dict(unwrapped.named_parameters(remove_duplicate=False))
+            state = {key: masters[id(params[key])] if masters is not None and key in params else value
+                     for key, value in unwrapped.state_dict().items()}
+            state = {key: value.float() if value.is_floating_point() else value
+                     for key, value in state.items()}
+            save_weights_safetensors(unwrapped, path, metadata, state_dict=state)
     accelerator.wait_for_everyone()
 
 
@@ -262,7 +305,8 @@ def find_latest_run(output_dir: str | os.PathLike) -> Path | None:
 
 
 def verify_checkpoint(checkpoint: Path) -> TrainerState:
-    """Check that every file of the checkpoint is present with its recorded size; return its trainer state.
+    """Check that every file of the checkpoint is present with its recorded size and SHA-256 (checkpoints
+    written before hashes were recorded: size only); return its trainer state.
 
     Raises:
         CheckpointError: an incomplete, truncated or damaged checkpoint (one line naming the file).
@@ -276,15 +320,37 @@ def verify_checkpoint(checkpoint: Path) -> TrainerState:
     except json.JSONDecodeError:
         raise CheckpointError(f"checkpoint {checkpoint} has a damaged {FILES_FILE}: resume from another "
                               "checkpoint") from None
-    for name, size in sizes.items():
+    for name, entry in sizes.items():
         file = checkpoint / name
+        size, digest = (entry, None) if isinstance(entry, int) else (entry.get("size"), entry.get("sha256"))
         if not file.is_file():
             raise CheckpointError(f"checkpoint {checkpoint} is missing {name}: resume from another "
                                   "checkpoint")
         if file.stat().st_size != size:
             raise CheckpointError(f"checkpoint file {file} has {file.stat().st_size} bytes, {size} were "
                                   "written (truncated or damaged): resume from another checkpoint")
+        if digest is not None and _sha256(file) != digest:
+            raise CheckpointError(f"checkpoint file {file} is damaged (its SHA-256 differs from the one "
+                                  "recorded when it was saved): resume from another checkpoint")
     return TrainerState.from_json((checkpoint / STATE_FILE).read_text(), checkpoint / STATE_FILE)
+
+
+def _verify_on_every_rank(accelerator: Accelerator, checkpoint: Path) -> TrainerState:
+    """:func:`verify_checkpoint` on every rank (each reads the files it will load, which need not be the same
+    copy on every machine); if any rank finds damage, all ranks raise its message."""
+    state, problem = None, None
+    try:
+        state = verify_checkpoint(checkpoint)
+    except CheckpointError as err:
+        problem = str(err)
+    if accelerator.num_processes > 1:
+        from accelerate.utils import gather_object
+
+        problems = [p for p in gather_object([problem]) if p is not None]
+        problem = problems[0] if problems else None
+    if problem is not None:
+        raise CheckpointError(problem)
+    return state
 
 
 def load_checkpoint(accelerator: Accelerator, checkpoint: Path) -> TrainerState:
@@ -296,7 +362,7 @@ def load_checkpoint(accelerator: Accelerator, checkpoint: Path) -> TrainerState:
     Raises:
         CheckpointError: an incomplete, truncated or unreadable checkpoint.
     """
-    state = verify_checkpoint(checkpoint)
+    state = _verify_on_every_rank(accelerator, checkpoint)
     try:
         accelerator.load_state(str(checkpoint))
     except Exception as err:  # noqa: BLE001 - any failure inside the loaders means a bad checkpoint

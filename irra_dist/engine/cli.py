@@ -10,6 +10,7 @@ import argparse
 import json
 import os
 import sys
+import traceback
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -20,18 +21,23 @@ DEFAULT_RECIPE = "demo"
 
 EXIT_BAD_INPUT = 2
 EXIT_DIVERGED = 1
+REPORT_GRACE_S = 3.0
+"""How long the other processes wait after a bad-input error, so that the reporting one prints it."""
+EXIT_INTERRUPTED = 130
+"""128 + SIGINT, what a shell reports for a command stopped by Ctrl-C."""
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
     """Exception types that mean bad input (reported in one line), imported lazily with the heavy modules."""
     from irra_dist.data.parsers import DatasetError, DatasetNotFoundError
     from irra_dist.data.shards import ShardError
+    from irra_dist.distributed import TorchTooOldError
     from irra_dist.evaluation.metrics import RetrievalInputError
     from irra_dist.model import CheckpointError
     from irra_dist.optim import OptimSetupError
 
     return (ConfigError, CheckpointError, ShardError, DatasetError, DatasetNotFoundError, RetrievalInputError,
-            OptimSetupError)
+            OptimSetupError, TorchTooOldError)
 
 
 def _is_first_process() -> bool:
@@ -39,8 +45,72 @@ def _is_first_process() -> bool:
 
 
 def _report(message: str) -> None:
-    if _is_first_process():
+    from irra_dist.engine.failures import should_report
+
+    if should_report():  # rank 0, or the rank whose failure stopped a multi-process run
         print(f"error: {message}", file=sys.stderr)
+    _tell_launcher(f"error: {message}")
+    if not should_report() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # The launcher stops every process once one exits: let the reporting one print the line first.
+        import time
+
+        time.sleep(REPORT_GRACE_S)
+
+
+def _tell_launcher(message: str) -> None:
+    """Under ``accelerate launch`` (torch elastic), put the one line into this worker's error file, so that
+    the launcher's failure summary shows it instead of "To enable traceback see ..."."""
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if not path:
+        return
+    import time
+
+    try:
+        atomic_write_text(path, json.dumps({"message": message, "timestamp": int(time.time())}))
+    except OSError:
+        pass  # the summary then falls back to its generic text; the line was printed already
+
+
+def resume_command(run_dir: Path) -> str:
+    """The command line that continues `run_dir` the way this training was started (``accelerate launch``
+    with its options, ``python launch/train.py`` or ``irra-train``), for the message printed at Ctrl-C."""
+    import shlex
+
+    script = os.path.abspath(sys.argv[0])
+    prefix = [sys.executable, script] if script.endswith(".py") else [script]
+    launcher = _launcher_argv()
+    if launcher:
+        # e.g. [python, .../accelerate, launch, --config_file, X, launch/train.py, overrides...]
+        for i, arg in enumerate(launcher):
+            if os.path.abspath(arg) == script:
+                start = 1 if launcher[0].rsplit("/", 1)[-1].startswith("python") else 0
+                prefix = launcher[start:i + 1]
+                break
+    return shlex.join([*prefix, "--resume", str(run_dir)])
+
+
+def _launcher_argv() -> list[str]:
+    """The parent's command line when it is ``accelerate launch`` (Linux /proc), else []."""
+    if "LOCAL_RANK" not in os.environ and "ACCELERATE_MIXED_PRECISION" not in os.environ:
+        return []
+    try:
+        raw = Path(f"/proc/{os.getppid()}/cmdline").read_bytes()
+    except OSError:
+        return []
+    argv = [a.decode(errors="replace") for a in raw.split(b"\0") if a]
+    return argv if any(a.rsplit("/", 1)[-1] == "accelerate" for a in argv[:2]) else []
+
+
+def _report_interrupt(run_dir: Path | None, checkpoint: Path | None) -> None:
+    """One paragraph after Ctrl-C: where the run stands and the exact command that continues it."""
+    if not _is_first_process():
+        return
+    if run_dir is None or checkpoint is None:
+        where = f" (run folder {run_dir} removed)" if run_dir is not None and not run_dir.exists() else ""
+        print(f"stopped by Ctrl-C before the first checkpoint: nothing to resume{where}", file=sys.stderr)
+        return
+    print(f"stopped by Ctrl-C; the last checkpoint is kept: {checkpoint}\n"
+          f"continue with: {resume_command(run_dir)}", file=sys.stderr)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -71,7 +141,7 @@ def load_train_config(config: str | None, overrides: list[str], resume: str | No
         ``(cfg, checkpoint folder or None)``.
     """
     from irra_dist.engine.checkpointing import resolve_checkpoint, run_dir_of
-    from irra_dist.engine.runlog import CONFIG_FILE
+    from irra_dist.engine.runfolder import load_run_config
     from irra_dist.engine.trainer import resolve_resume
 
     if resume is None:
@@ -84,7 +154,7 @@ def load_train_config(config: str | None, overrides: list[str], resume: str | No
         checkpoint = resolve_resume(probe, "latest")
     else:
         checkpoint = resolve_checkpoint(resume)
-    return load_config(run_dir_of(checkpoint) / CONFIG_FILE, overrides), checkpoint
+    return load_run_config(run_dir_of(checkpoint), overrides), checkpoint
 
 
 def train_main(argv: Sequence[str] | None = None) -> int:
@@ -100,17 +170,40 @@ def train_main(argv: Sequence[str] | None = None) -> int:
         overrides.append("logging.wandb=false")
     try:
         cfg, checkpoint = load_train_config(args.config, overrides, resume)
-        from irra_dist.engine.trainer import NonFiniteLossError, train
+        from irra_dist.engine.trainer import NonFiniteLossError, TrainingInterrupted, train
 
         try:
             train(cfg, resume=checkpoint)
         except NonFiniteLossError as err:
             _report(str(err))
-            return EXIT_DIVERGED
+            return _leave(EXIT_DIVERGED)
+        except TrainingInterrupted as stop:
+            _report_interrupt(stop.run_dir, stop.checkpoint)
+            return _leave(EXIT_INTERRUPTED)
     except _user_errors() as err:
         _report(str(err))
-        return EXIT_BAD_INPUT
+        return _leave(EXIT_BAD_INPUT)
+    except KeyboardInterrupt:
+        _report_interrupt(None, None)
+        return _leave(EXIT_INTERRUPTED)
+    except Exception as err:  # noqa: BLE001 - unexpected: a traceback, from one rank only
+        from irra_dist.engine.failures import PeerFailure, launched_world, should_report
+
+        if launched_world() < 2:
+            raise
+        if not isinstance(err, PeerFailure) and should_report():
+            traceback.print_exc()
+        return _leave(EXIT_DIVERGED)
     return 0
+
+
+def _leave(code: int) -> int:
+    """`code`; after a failure in a multi-process run, exit at once instead (see engine/failures.py)."""
+    from irra_dist.engine.failures import exit_now, launched_world
+
+    if launched_world() > 1:
+        exit_now(code)
+    return code
 
 
 # --------------------------------------------------------------------------------------------------
@@ -123,7 +216,9 @@ def eval_parser() -> argparse.ArgumentParser:
         description="Evaluate text-to-image retrieval of a run folder, a weights file (.safetensors) or an "
                     "official IRRA best.pth on a shard set. Runs under `accelerate launch` too.")
     parser.add_argument("target", help="run folder, checkpoint folder, weights file or official best.pth")
-    parser.add_argument("--shards", default=None, help="shard folder (default: the run's data.shards)")
+    parser.add_argument("--shards", nargs="+", default=None, metavar="DIR",
+                        help="shard folder(s) (default: the run's data.shards); several give a cross-dataset "
+                             "table with one row per set")
     parser.add_argument("--split", default="test", choices=("test", "val"))
     parser.add_argument("--weights", default="best", choices=("best", "last"),
                         help="for a run folder: best.safetensors (if any) or model.safetensors")
@@ -148,13 +243,15 @@ def _export_official(args: argparse.Namespace) -> int:
     from irra_dist.engine.evaluate import export_target
 
     try:
-        source = export_target(args.target, args.export_official, weights=args.weights,
+        source, note = export_target(args.target, args.export_official, weights=args.weights,
                                image_size=tuple(args.image_size) if args.image_size else None,
                                stride_size=args.stride)
     except _user_errors() as err:
         _report(str(err))
         return EXIT_BAD_INPUT
     print(f"wrote {args.export_official} (official best.pth format) from {source}")
+    if note:
+        print(f"note: {note}")
     return 0
 
 
@@ -164,10 +261,10 @@ def evaluate_main(argv: Sequence[str] | None = None) -> int:
     if args.export_official:
         return _export_official(args)
     try:
-        from irra_dist.engine.evaluate import evaluate_target
+        from irra_dist.engine.evaluate import evaluate_on_sets
 
-        result = evaluate_target(
-            args.target, shards=args.shards, split=args.split, weights=args.weights,
+        results = evaluate_on_sets(
+            args.target, args.shards, split=args.split, weights=args.weights,
             batch_size=args.batch_size, num_workers=args.num_workers, chunk_size=args.chunk_size,
             i2t=args.i2t, image_size=tuple(args.image_size) if args.image_size else None,
             stride_size=args.stride, precision=args.precision)
@@ -175,11 +272,17 @@ def evaluate_main(argv: Sequence[str] | None = None) -> int:
         _report(str(err))
         return EXIT_BAD_INPUT
     if _is_first_process():
+        from irra_dist.engine.evaluate import format_cross_table
         from irra_dist.evaluation.metrics import format_metrics_table
 
-        print(f"{result['target']} on {result['shards']} ({result['split']} split: {result['num_queries']} "
-              f"queries, {result['num_gallery']} images)")
-        print(format_metrics_table(result["metrics"]))
+        for result in results:
+            print(f"{result['target']} on {result['shards']} ({result['split']} split: "
+                  f"{result['num_queries']} queries, {result['num_gallery']} images)")
+            if len(results) == 1:
+                print(format_metrics_table(result["metrics"]))
+        if len(results) > 1:
+            print(format_cross_table(results))
         if args.out:
-            atomic_write_text(args.out, json.dumps(result, indent=1) + "\n")
+            payload = results[0] if len(results) == 1 else results
+            atomic_write_text(args.out, json.dumps(payload, indent=1) + "\n")
     return 0

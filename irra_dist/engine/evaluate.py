@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import replace
 from pathlib import Path
@@ -25,8 +25,11 @@ from accelerate.utils import broadcast_object_list
 from torch import nn
 from tqdm import tqdm
 
-from irra_dist.config import Config, ConfigError, EvalConfig, load_config
+from irra_dist.config import Config, ConfigError, EvalConfig
+from irra_dist.distributed import all_reduce_sum
+from irra_dist.engine.accel import unwrap, zero_stage
 from irra_dist.engine.checkpointing import full_parameters, resolve_checkpoint, run_dir_of
+from irra_dist.engine.failures import inject_failure
 from irra_dist.engine.runlog import BEST_WEIGHTS_FILE, CONFIG_FILE, WEIGHTS_FILE
 from irra_dist.evaluation.metrics import RetrievalInputError, format_metrics_table, retrieval_metrics
 from irra_dist.model import CheckpointError
@@ -56,7 +59,7 @@ def embedding_autocast(accelerator: Accelerator, precision: str) -> Callable[[],
 @torch.no_grad()
 def embed(accelerator: Accelerator, encode: Callable[[torch.Tensor], torch.Tensor],
           batches: Iterable[dict[str, torch.Tensor]], key: str, empty_input: torch.Tensor,
-          desc: str, autocast: Callable[[], AbstractContextManager[Any]],
+          desc: str, autocast: Callable[[], AbstractContextManager[Any]], lockstep: bool = False,
           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Encode this rank's items.
 
@@ -68,23 +71,43 @@ def embed(accelerator: Accelerator, encode: Callable[[torch.Tensor], torch.Tenso
         empty_input: a zero-row input, encoded when this rank has no items (to learn the feature width).
         desc: progress-bar label.
         autocast: a factory of the autocast context (:func:`embedding_autocast`).
+        lockstep: every rank runs as many forward passes as the rank with the most batches, encoding
+            `empty_input` once its own batches are done. Needed under ZeRO-3, whose forward hooks all-gather
+            parameters: a rank with one batch fewer would leave the others waiting in a collective forever.
 
     Returns:
         ``(features [n, D] fp32, pids [n], index [n])`` on the accelerator's device.
     """
     feats, pids, index = [], [], []
     device = accelerator.device
-    for batch in tqdm(batches, desc=desc, disable=not show_progress(accelerator), leave=False):
+    bar = tqdm(batches, desc=desc, disable=not show_progress(accelerator), leave=False)
+    for batch in (_lockstep(bar, device) if lockstep else bar):
+        inject_failure("eval")
+        if batch is None:  # this rank is done; the others still run a forward pass
+            with autocast():
+                feats.append(encode(empty_input.to(device)).float())
+            continue
         with autocast():
             feats.append(encode(batch[key].to(device, non_blocking=True)).float())
         pids.append(batch["pids"].to(device, non_blocking=True))
         index.append(batch["index"].to(device, non_blocking=True))
-    if not feats:
+    if not feats:  # no batch here (nor anywhere, in lockstep): learn the feature width
         with autocast():
             feats.append(encode(empty_input.to(device)).float())
+    if not pids:
         pids.append(torch.empty(0, dtype=torch.int64, device=device))
         index.append(torch.empty(0, dtype=torch.int64, device=device))
     return torch.cat(feats), torch.cat(pids), torch.cat(index)
+
+
+def _lockstep(batches: Iterable[Any], device: torch.device) -> Iterator[Any]:
+    """`batches`, then None until every rank has run out (one tiny all-reduce per batch)."""
+    iterator = iter(batches)
+    while True:
+        batch = next(iterator, None)
+        if all_reduce_sum(torch.tensor([float(batch is not None)], device=device)).item() == 0:
+            return
+        yield batch
 
 
 def gather_in_order(accelerator: Accelerator, feats: torch.Tensor, pids: torch.Tensor,
@@ -135,17 +158,19 @@ def evaluate_retrieval(accelerator: Accelerator, model: nn.Module, gallery: Any,
     """
     was_training = model.training
     model.eval()
-    unwrapped = accelerator.unwrap_model(model, keep_torch_compile=False)
+    unwrapped = unwrap(accelerator, model)
     height, width = unwrapped.base_model.visual.image_size
     try:
         with full_parameters(accelerator, unwrapped):
             # Read inside the context: under ZeRO-3 a parameter's shape is that of its local partition.
             context = unwrapped.base_model.positional_embedding.shape[0]
             autocast = embedding_autocast(accelerator, cfg.precision)
+            lockstep = zero_stage(accelerator) == 3
             g_feats, g_pids, g_index = embed(accelerator, unwrapped.encode_image, gallery, "images",
-                                             torch.zeros(0, 3, height, width), "gallery", autocast)
+                                             torch.zeros(0, 3, height, width), "gallery", autocast, lockstep)
             q_feats, q_pids, q_index = embed(accelerator, unwrapped.encode_text, queries, "caption_ids",
-                                             torch.zeros(0, context, dtype=torch.int64), "queries", autocast)
+                                             torch.zeros(0, context, dtype=torch.int64), "queries", autocast,
+                                             lockstep)
     finally:
         model.train(was_training)
     g_feats, g_pids, g_index = gather_in_order(accelerator, g_feats, g_pids, g_index)
@@ -241,34 +266,48 @@ def embedding_precision(setting: str, run_cfg: Config | None) -> str:
 
 
 def export_target(target: str | os.PathLike, out: str | os.PathLike, *, weights: str = "best",
-                  image_size: tuple[int, int] | None = None, stride_size: int | None = None) -> Path:
+                  image_size: tuple[int, int] | None = None, stride_size: int | None = None,
+                  ) -> tuple[Path, str | None]:
     """Write the weights of a run folder, checkpoint folder or weights file as an official ``best.pth``.
 
     Returns:
-        The weights file that was exported.
+        The weights file that was exported, and a note when the official code would build a different
+        architecture from the file (:func:`irra_dist.model.checkpoint.official_loader_mismatch`).
 
     Raises:
         CheckpointError, ConfigError: nothing readable at `target`.
     """
+    from irra_dist.engine.runfolder import load_run_config
     from irra_dist.model import export_official_checkpoint
+    from irra_dist.model.checkpoint import official_loader_mismatch
 
     file, config_file = _weights_of(Path(target), weights)
-    cfg = load_config(config_file) if config_file is not None else None
-    export_official_checkpoint(_load_model(file, cfg, image_size, stride_size), out)
-    return file
+    cfg = load_run_config(config_file.parent) if config_file is not None else None
+    model = _load_model(file, cfg, image_size, stride_size)
+    export_official_checkpoint(model, out)
+    return file, official_loader_mismatch(model)
 
 
 def evaluate_target(target: str | os.PathLike, *, shards: str | os.PathLike | None = None,
-                    split: str = "test", weights: str = "best", batch_size: int = 256, num_workers: int = 2,
-                    chunk_size: int = 1024, i2t: bool = False, image_size: tuple[int, int] | None = None,
-                    stride_size: int | None = None, precision: str = "auto") -> dict[str, Any]:
-    """Evaluate a run folder, checkpoint folder, weights file or official ``best.pth`` on a shard set.
+                    **kwargs: Any) -> dict[str, Any]:
+    """Evaluate a run folder, checkpoint folder, weights file or official ``best.pth`` on one shard set.
 
-    Works in one process or under ``accelerate launch`` (each process embeds its part).
+    ``shards`` defaults to the run's ``data.shards``; the other arguments are those of
+    :func:`evaluate_on_sets`, whose single result this returns.
+    """
+    return evaluate_on_sets(target, None if shards is None else [shards], **kwargs)[0]
+
+
+def evaluate_on_sets(target: str | os.PathLike, shard_sets: Sequence[str | os.PathLike] | None = None, *,
+                     split: str = "test", weights: str = "best", batch_size: int = 256, num_workers: int = 2,
+                     chunk_size: int = 1024, i2t: bool = False, image_size: tuple[int, int] | None = None,
+                     stride_size: int | None = None, precision: str = "auto") -> list[dict[str, Any]]:
+    """Evaluate one model on the `split` of each shard set (cross-dataset evaluation): the model is loaded
+    once. Works in one process or under ``accelerate launch`` (each process embeds its part).
 
     Args:
         target: what to evaluate (see :func:`_weights_of`).
-        shards: shard folder; default the run's ``data.shards``.
+        shard_sets: shard folders; default the run's ``data.shards``.
         split: ``"test"`` or ``"val"``.
         weights: for a run folder, ``"best"`` (best.safetensors when present) or ``"last"``.
         batch_size: items per batch and process.
@@ -281,39 +320,56 @@ def evaluate_target(target: str | os.PathLike, *, shards: str | os.PathLike | No
             ``eval.precision`` (see :func:`embedding_precision`).
 
     Returns:
-        ``{"target", "shards", "split", "num_gallery", "num_queries", "metrics"}``.
+        One ``{"target", "shards", "split", "num_gallery", "num_queries", "metrics"}`` per shard set, in
+        order.
 
     Raises:
         CheckpointError, ConfigError, ShardError, RetrievalInputError: bad input.
     """
     from irra_dist.data.pipeline import build_eval_loaders
     from irra_dist.engine.accel import build_accelerator
+    from irra_dist.engine.runfolder import load_run_config
 
     file, config_file = _weights_of(Path(target), weights)
-    run_cfg = load_config(config_file) if config_file is not None else Config()
+    run_cfg = load_run_config(config_file.parent) if config_file is not None else Config()
     if config_file is not None:
         image_size = image_size or tuple(run_cfg.model.image_size)
         stride_size = stride_size or run_cfg.model.stride_size
-    shards = shards if shards is not None else (run_cfg.data.shards if config_file is not None else None)
-    if shards is None:
-        raise ConfigError(f"{file} does not name its shards: pass --shards DIR")
+    if not shard_sets:
+        if config_file is None:
+            raise ConfigError(f"{file} does not name its shards: pass --shards DIR")
+        shard_sets = [run_cfg.data.shards]
     run_cfg = replace(run_cfg, train=replace(run_cfg.train, mixed_precision=precision, compile=False,
                                              grad_accum_steps=1))
     accelerator = build_accelerator(run_cfg)
+    results = []
     try:
         model = _load_model(file, run_cfg if config_file is not None else None, image_size, stride_size)
         model = model.to(accelerator.device)
         size = tuple(model.base_model.visual.image_size)
-        gallery, queries = build_eval_loaders(shards, split, rank=accelerator.process_index,
-                                              world_size=accelerator.num_processes, batch_size=batch_size,
-                                              num_workers=num_workers, image_size=size,
-                                              pin_memory=accelerator.device.type == "cuda")
         eval_cfg = EvalConfig(split=split, batch_size=batch_size, chunk_size=chunk_size, i2t=i2t,
                               precision=embedding_precision(precision, run_cfg if config_file else None))
-        metrics = evaluate_retrieval(accelerator, model, gallery, queries, eval_cfg)
-        logger.info("%s on %s (%s split):\n%s", file, shards, split, format_metrics_table(metrics))
+        for shards in shard_sets:
+            gallery, queries = build_eval_loaders(shards, split, rank=accelerator.process_index,
+                                                  world_size=accelerator.num_processes, batch_size=batch_size,
+                                                  num_workers=num_workers, image_size=size,
+                                                  pin_memory=accelerator.device.type == "cuda")
+            metrics = evaluate_retrieval(accelerator, model, gallery, queries, eval_cfg)
+            logger.info("%s on %s (%s split):\n%s", file, shards, split, format_metrics_table(metrics))
+            results.append({"target": str(file), "shards": str(shards), "split": split,
+                            "num_gallery": gallery.num_items, "num_queries": queries.num_items,
+                            "metrics": metrics})
     finally:
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
-    return {"target": str(file), "shards": str(shards), "split": split, "num_gallery": gallery.num_items,
-            "num_queries": queries.num_items, "metrics": metrics}
+    return results
+
+
+def format_cross_table(results: Sequence[dict[str, Any]], task: str = "t2i") -> str:
+    """One row per evaluated shard set (R1, R5, R10, mAP, mINP of `task`), in the metrics table's layout.
+
+    Rows are named by the shard folder's name (full paths only where two names coincide)."""
+    names = [Path(str(r["shards"]).rstrip("/")).name or str(r["shards"]) for r in results]
+    if len(set(names)) < len(names):
+        names = [str(r["shards"]) for r in results]
+    return format_metrics_table({n: r["metrics"][task] for n, r in zip(names, results)}, label="shards")

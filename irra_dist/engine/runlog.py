@@ -28,6 +28,19 @@ PACKAGE_LOGGER = "irra_dist"
 LOG_FORMAT = "%(asctime)s %(name)s %(levelname)s: %(message)s"
 
 
+class _PendingRecords(logging.Handler):
+    """Keeps the records logged before the log file exists (a bounded number)."""
+
+    def __init__(self, capacity: int = 2000) -> None:
+        super().__init__()
+        self.capacity = capacity
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if len(self.records) < self.capacity:
+            self.records.append(record)
+
+
 class RunLogging:
     """The handlers of one run on the ``irra_dist`` logger; :meth:`add_file` attaches the log file later."""
 
@@ -35,8 +48,12 @@ class RunLogging:
         self.logger = logging.getLogger(PACKAGE_LOGGER)
         self.is_main = is_main
         self.handlers: list[logging.Handler] = []
+        self.pending: _PendingRecords | None = None
         if is_main:
             self._attach(logging.StreamHandler(sys.stdout), LOG_FORMAT, logging.INFO)
+            # Lines logged before the run folder exists go into its log file once it does.
+            self.pending = _PendingRecords()
+            self._attach(self.pending, LOG_FORMAT, logging.INFO)
         else:
             # Other ranks stay quiet unless something goes wrong on them.
             self._attach(logging.StreamHandler(sys.stderr), f"[rank {rank}] {LOG_FORMAT}", logging.WARNING)
@@ -50,7 +67,14 @@ class RunLogging:
     def add_file(self, path: Path) -> None:
         """Append the main process's messages to `path` too (a resumed run continues the same file)."""
         if self.is_main:
-            self._attach(logging.FileHandler(path, mode="a", encoding="utf-8"), LOG_FORMAT, logging.INFO)
+            file_handler = logging.FileHandler(path, mode="a", encoding="utf-8")
+            self._attach(file_handler, LOG_FORMAT, logging.INFO)
+            if self.pending is not None:
+                self.logger.removeHandler(self.pending)
+                self.handlers.remove(self.pending)
+                for record in self.pending.records:
+                    file_handler.handle(record)
+                self.pending = None
 
     def close(self) -> None:
         for handler in self.handlers:

@@ -98,10 +98,13 @@ def init_wandb(accelerator: Any, cfg: LoggingConfig, *, run_dir: Path, run_name:
     mode = resolve_wandb_mode(cfg.wandb_mode)
     # The mode goes to wandb.init (not the environment), so it does not leak into a later run.
     os.environ["WANDB_DIR"] = str(run_dir)
+    # quiet: no W&B history/summary panel after the run's own final table (the same numbers, less readable).
     init_kwargs: dict[str, Any] = {"name": run_name, "dir": str(run_dir), "id": run_id, "resume": "allow",
-                                   "mode": mode}
+                                   "mode": mode, "settings": {"quiet": True}}
     if cfg.entity:
         init_kwargs["entity"] = cfg.entity
+    if cfg.group:
+        init_kwargs["group"] = cfg.group
     accelerator.init_trackers(cfg.project, config=config, init_kwargs={"wandb": init_kwargs})
     if mode == "offline":
         logger.info("W&B is offline (%s); upload later with: wandb sync %s/wandb/offline-run-*",

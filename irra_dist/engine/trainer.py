@@ -31,10 +31,11 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from irra_dist.config import Config, ConfigError, dump_config, save_config
 from irra_dist.data.pipeline import TrainLoader, build_eval_loaders
-from irra_dist.data.shards import MANIFEST_NAME
-from irra_dist.distributed import all_reduce_sum, gather_columns
-from irra_dist.engine.accel import build_accelerator
+from irra_dist.data.shards import MANIFEST_NAME, ShardError, load_manifest
+from irra_dist.distributed import all_reduce_sum, gather_columns, require_differentiable_gather
+from irra_dist.engine.accel import build_accelerator, ddp_ignores_buffers
 from irra_dist.engine.checkpointing import (
+    CHECKPOINTS_DIR,
     TrainerState,
     export_weights,
     find_latest_run,
@@ -44,6 +45,10 @@ from irra_dist.engine.checkpointing import (
     save_checkpoint,
 )
 from irra_dist.engine.evaluate import evaluate_retrieval, flat_metrics, show_progress
+from irra_dist.engine.failures import PeerFailure, PeerFailureWatch, announce, inject_failure
+from irra_dist.engine.gradcache import build_grad_cache
+from irra_dist.engine.init_from import build_model_for_training
+from irra_dist.engine.runfolder import RunFolderClaim, absolute_locations, claim_run_folder
 from irra_dist.engine.runlog import (
     BEST_WEIGHTS_FILE,
     CONFIG_FILE,
@@ -51,12 +56,14 @@ from irra_dist.engine.runlog import (
     METRICS_FILE,
     WEIGHTS_FILE,
     MetricsWriter,
+    read_metrics,
     run_logging,
 )
 from irra_dist.engine.tracking import finish_wandb, init_wandb, new_run_id
 from irra_dist.evaluation.metrics import format_metrics_table
+from irra_dist.evaluation.selection import RULE_TITLES, select_results
 from irra_dist.losses import irra_accuracies, irra_losses
-from irra_dist.model import CheckpointError, build_irra_from_config
+from irra_dist.model import CheckpointError
 from irra_dist.optim import build_lr_scheduler, build_optimizer
 from irra_dist.search import RetrievalExamples
 
@@ -67,6 +74,16 @@ ACC_NAMES = ("img_acc", "txt_acc", "mlm_acc")
 
 class NonFiniteLossError(RuntimeError):
     """Too many consecutive steps had a non-finite loss; the message says what to change."""
+
+
+class TrainingInterrupted(Exception):
+    """Ctrl-C stopped the run; `checkpoint` is its last complete checkpoint (None: there was none yet, and a
+    new run's folder was removed)."""
+
+    def __init__(self, run_dir: Path | None, checkpoint: Path | None) -> None:
+        super().__init__(f"training of {run_dir} interrupted")
+        self.run_dir = run_dir
+        self.checkpoint = checkpoint
 
 
 # --------------------------------------------------------------------------------------------------
@@ -98,11 +115,21 @@ def _new_run_dir(accelerator: Accelerator, cfg: Config) -> Path:
     """``output_dir/<run_name or timestamp_name>``, named on the main process so every rank agrees."""
     name = [cfg.train.run_name or f"{datetime.now():%Y%m%d_%H%M%S}_{cfg.name}"]
     name = broadcast_object_list(name)
-    run_dir = Path(cfg.train.output_dir) / name[0]
-    if (run_dir / CONFIG_FILE).exists():
-        raise ConfigError(f"run folder {run_dir} already exists: resume it with --resume {run_dir}, or "
-                          "choose another train.run_name")
-    return run_dir
+    return Path(cfg.train.output_dir) / name[0]
+
+
+def _claim_on_main(accelerator: Accelerator, run_dir: Path, *, new: bool) -> RunFolderClaim:
+    """Claim the run folder on the main process; every rank raises the same ConfigError if that fails."""
+    claim, outcome = RunFolderClaim(run_dir, None, False), [None]
+    if accelerator.is_main_process:
+        try:
+            claim = claim_run_folder(run_dir, new=new)
+        except ConfigError as err:
+            outcome = [str(err)]
+    outcome = broadcast_object_list(outcome)
+    if outcome[0] is not None:
+        raise ConfigError(outcome[0])
+    return claim
 
 
 def build_demo_shards(shards_dir: Path, image_size: tuple[int, int]) -> None:
@@ -124,15 +151,53 @@ def build_demo_shards(shards_dir: Path, image_size: tuple[int, int]) -> None:
                      workers=workers, progress=False)
 
 
+def generates_demo_data(cfg: Config) -> bool:
+    """Whether missing shards at ``data.shards`` are to be generated: asked explicitly, or the folder is the
+    demo recipe's own location (``data.demo_shards``); never at some other, possibly mistyped, path."""
+    if cfg.data.build_demo_if_missing:
+        return True
+    own = cfg.data.demo_shards
+    return bool(own) and os.path.abspath(own) == os.path.abspath(cfg.data.shards)
+
+
 def ensure_shards(accelerator: Accelerator, cfg: Config) -> None:
-    """Build the demo shards on the main process if the recipe asks for it and they are missing."""
+    """Build the demo shards on the main process if the recipe asks for it and they are missing.
+
+    Raises:
+        ShardError: no shards at ``data.shards`` of a demo recipe pointed elsewhere (one line with the fix).
+    """
     shards = Path(cfg.data.shards)
-    if (shards / MANIFEST_NAME).is_file() or not cfg.data.build_demo_if_missing:
+    if (shards / MANIFEST_NAME).is_file():
+        return
+    if not generates_demo_data(cfg):
+        if cfg.data.demo_shards:
+            raise ShardError(f"no {MANIFEST_NAME} in {shards}: check data.shards (the demo generates its "
+                             f"data only at {cfg.data.demo_shards}), or add data.build_demo_if_missing=true "
+                             "to generate the synthetic demo data there")
         return  # a missing set is reported by the loader with a one-line ShardError
     if accelerator.is_main_process:
         logger.info("no shards in %s: generating the synthetic demo dataset and its shards", shards)
         build_demo_shards(shards, cfg.model.image_size)
     accelerator.wait_for_everyone()
+
+
+def evaluation_splits(cfg: Config, manifest: dict[str, Any]) -> list[str]:
+    """The splits evaluated every ``eval.eval_period`` epochs: the selecting split first, then the tracked
+    ones the shards hold (ICFG-PEDES has no val split unless built with ``--val-ids``).
+
+    Raises:
+        ConfigError: the selecting split has no images.
+    """
+    def images(split: str) -> int:
+        return int(manifest["splits"].get(split, {}).get("num_images", 0))
+
+    if images(cfg.eval.split) == 0:
+        hint = ("rebuild the shards with a val split carved from the training identities "
+                "(irra-build-shards ... --val-ids N), or select on test with eval.split=test"
+                if cfg.eval.split == "val" else "rebuild the shards")
+        raise ConfigError(f"eval.split={cfg.eval.split} selects the best checkpoint, but {cfg.data.shards} "
+                          f"has no {cfg.eval.split} images: {hint}")
+    return [cfg.eval.split, *(s for s in cfg.eval.track_splits if images(s) > 0)]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -237,13 +302,14 @@ class Trainer:
         self.exchange = _HostExchange()
         self.state = TrainerState()
         self.consecutive_nonfinite = 0
+        self.discard_group = False
+        """A micro-batch of the current accumulation group had a non-finite loss: the group trains nothing."""
         self.is_deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
 
         num_classes = loader.num_train_ids if "id" in self.names else 0
         # Same seed on every rank before building: identical initial weights everywhere.
         set_seed(cfg.train.seed)
-        model = build_irra_from_config(cfg.model, num_classes, with_mlm="mlm" in self.names,
-                                       mask_global_text=cfg.data.mask_global_text)
+        model = build_model_for_training(cfg, num_classes)
         self.num_params = sum(p.numel() for p in model.parameters())
         # On the device before the optimizer exists, so that it can pick fused CUDA kernels.
         optimizer = build_optimizer(model.to(self.device), cfg.optim)
@@ -251,16 +317,28 @@ class Trainer:
         # The scheduler stays outside prepare(): Accelerate would step it once per process, and DeepSpeed
         # once per optimizer step; it is stepped here, per epoch or per step as the recipe says.
         self.scheduler = build_lr_scheduler(optimizer, cfg.optim, cfg.train.num_epochs, self.steps_per_epoch)
+        ddp_ignores_buffers(model)
         self.model, self.optimizer = accelerator.prepare(model, optimizer)
+        self.grad_cache = build_grad_cache(accelerator, self.model, cfg)
         self.gallery = self.queries = None
-        self.examples: RetrievalExamples | None = None  # built on first use, main process only
+        self.examples: dict[str, RetrievalExamples] = {}  # per split, built on first use, main process only
         self.examples_png: Path | None = None
         self.last_metrics: dict | None = None
+        self.results: dict[str, dict[str, Any]] = {}
+        # split -> (gallery, queries); the selecting split first (evaluation_splits).
+        self.eval_sets: dict[str, tuple[Any, Any]] = {}
+        self.completed = False
         if cfg.eval.eval_period > 0:
-            self.gallery, self.queries = build_eval_loaders(
-                cfg.data.shards, cfg.eval.split, rank=accelerator.process_index, world_size=self.world,
-                batch_size=cfg.eval.batch_size, num_workers=cfg.data.num_workers,
-                image_size=tuple(cfg.model.image_size), pin_memory=self.device.type == "cuda")
+            manifest = load_manifest(cfg.data.shards, verify="none")
+            for split in evaluation_splits(cfg, manifest):
+                self.eval_sets[split] = self._eval_loaders(split)
+            self.gallery, self.queries = self.eval_sets[cfg.eval.split]
+
+    def _eval_loaders(self, split: str) -> tuple[Any, Any]:
+        return build_eval_loaders(
+            self.cfg.data.shards, split, rank=self.acc.process_index, world_size=self.world,
+            batch_size=self.cfg.eval.batch_size, num_workers=self.cfg.data.num_workers,
+            image_size=tuple(self.cfg.model.image_size), pin_memory=self.device.type == "cuda")
 
     # ---------------------------------------------------------------------------------------------
 
@@ -293,28 +371,45 @@ class Trainer:
 
     def _micro_step(self, batch: dict[str, Any], group_size: int, stats: tuple[_Stats, ...],
                     where: str) -> None:
-        """Forward, global-batch losses, and backward (or a skip when the loss is not finite anywhere)."""
+        """Forward, global-batch losses, and backward (or a skip when the loss is not finite anywhere).
+
+        A non-finite loss discards its whole accumulation group: the gradients its earlier micro-batches
+        accumulated are dropped and its later micro-batches are skipped (every rank agrees, so DDP's
+        gradient all-reduce is skipped on all of them alike).
+        """
+        inject_failure("train")
+        if self.discard_group:
+            return
         rows = int(batch["pids"].shape[0])
         masked = int((batch["mlm_labels"] != 0).sum()) if "mlm_labels" in batch else 0
         counts = self.exchange.gather([rows, masked])
         sizes = [c[0] for c in counts]
         global_rows, global_masked = sum(sizes), sum(c[1] for c in counts)
         batch = _to_device(batch, self.device)
-        outputs = self.model(batch)
         columns, normalizers = None, None
         if self.cfg.loss.global_batch:
-            if any(n in self.names for n in ("sdm", "itc", "cmpm")):
-                columns = gather_columns(outputs["image_feats"], outputs["text_feats"], batch["pids"], sizes)
             normalizers = {"batch": max(global_rows, 1) / self.world,
                            "mlm": max(global_masked, 1) / self.world}
-        losses = irra_losses(outputs, batch, self.names, self.cfg.model.temperature, self.weights,
-                             columns=columns, normalizers=normalizers)
-        total = torch.stack(list(losses.values())).sum()
+        if self.grad_cache is not None:  # train.chunk_size: pass 1 of the gradient-cached step
+            cached = self.grad_cache.forward(batch, sizes, normalizers, masked)
+            losses, total = cached.losses, cached.total
+        else:
+            outputs = self.model(batch)
+            if self.cfg.loss.global_batch and any(n in self.names for n in ("sdm", "itc", "cmpm")):
+                columns = gather_columns(outputs["image_feats"], outputs["text_feats"], batch["pids"], sizes)
+            losses = irra_losses(outputs, batch, self.names, self.cfg.model.temperature, self.weights,
+                                 columns=columns, normalizers=normalizers)
+            total = torch.stack(list(losses.values())).sum()
         # The one per-step host sync of the loop: every rank must agree on skipping.
         bad = all_reduce_sum((~torch.isfinite(total.detach())).float()).item() > 0
         if bad:
             self.state.nonfinite_steps += 1
             self.consecutive_nonfinite += 1
+            if self.accum > 1:
+                self.discard_group = True
+                if not self.is_deepspeed:
+                    # Not optimizer.zero_grad(): Accelerate skips it before the last micro-batch of a group.
+                    self.model.zero_grad(set_to_none=True)
             logger.warning("non-finite loss at %s: step skipped (%d in a row)", where,
                            self.consecutive_nonfinite)
             if self.consecutive_nonfinite >= self.cfg.train.max_nonfinite_steps:
@@ -326,12 +421,15 @@ class Trainer:
             return
         self.consecutive_nonfinite = 0
         # A short last group is scaled up so that the step is the mean over its micro-batches.
-        self.acc.backward(total * (self.accum / group_size) if group_size != self.accum else total)
+        if self.grad_cache is not None:
+            self.grad_cache.backward(cached, self.accum / group_size)
+        else:
+            self.acc.backward(total * (self.accum / group_size) if group_size != self.accum else total)
         if self.acc.sync_gradients and self.cfg.optim.grad_clip > 0 and not self.is_deepspeed:
             self.acc.clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        accs = irra_accuracies(outputs, batch)
+        accs = cached.accs if self.grad_cache is not None else irra_accuracies(outputs, batch)
         for s in stats:
             s.add(losses, total, accs, rows, masked, global_rows)
 
@@ -356,47 +454,119 @@ class Trainer:
                      | {"train/global_batch": self.cfg.train.batch_size * self.world * self.accum},
                      step=self.state.step)
 
-    def _draw_examples(self, epoch: int) -> Callable[..., None]:
-        """The evaluation hook that draws a few fixed queries' top-5 into retrieval/epoch_NNN.png."""
+    def _draw_examples(self, split: str, png: Path) -> Callable[..., None]:
+        """The evaluation hook that draws a few fixed queries of `split` and their top-5 into `png`."""
 
         def draw(g_feats, g_pids, g_index, q_feats, q_index) -> None:
             try:
-                if self.examples is None:
-                    self.examples = RetrievalExamples(self.cfg.data.shards, self.cfg.eval.split)
-                png = self.examples.save(self.run_dir / "retrieval" / f"epoch_{epoch:03d}.png",
-                                         g_feats, g_pids, g_index, q_feats, q_index)
+                if split not in self.examples:
+                    self.examples[split] = RetrievalExamples(self.cfg.data.shards, split)
+                drawn = self.examples[split].save(png, g_feats, g_pids, g_index, q_feats, q_index)
             except (OSError, ValueError) as err:  # a picture must never stop training
                 logger.warning("could not draw the retrieval examples: %s", err)
                 return
-            if png is not None:
-                self.examples_png = png
+            if drawn is not None:
+                self.examples_png = drawn
 
         return draw
 
-    def evaluate(self, epoch: int) -> bool:
-        """Evaluate, log the table and metrics; True when R1 improved on the best so far."""
+    def _evaluate_split(self, split: str, loaders: tuple[Any, Any], png_name: str,
+                        logged: dict[str, Any]) -> dict:
+        """Evaluate one split and draw its retrieval grid; adds the grid to `logged` (W&B ``<split>/...``)."""
         self.examples_png = None
-        metrics = evaluate_retrieval(self.acc, self.model, self.gallery, self.queries, self.cfg.eval,
-                                     on_features=self._draw_examples(epoch))
-        self.last_metrics = metrics
-        r1 = metrics["t2i"]["R1"]
-        improved = r1 > self.state.best_r1
-        if improved:
-            self.state.best_r1, self.state.best_epoch = r1, epoch
-        logger.info("Validation Results - Epoch: %d (%s split)\n%s", epoch, self.cfg.eval.split,
-                    format_metrics_table(metrics))
-        logger.info("best R1: %.3f at epoch %d", self.state.best_r1, self.state.best_epoch)
-        self.metrics.write({"kind": "eval", "epoch": epoch, "step": self.state.step,
-                            "split": self.cfg.eval.split, "metrics": metrics})
-        logged = flat_metrics(metrics) | {"eval/best_R1": self.state.best_r1}
+        draw = self._draw_examples(split, self.run_dir / "retrieval" / png_name)
+        metrics = evaluate_retrieval(self.acc, self.model, *loaders, self.cfg.eval, on_features=draw)
         if self.examples_png is not None:
             logger.info("retrieval examples: %s", self.examples_png)
             if self.cfg.logging.wandb:
                 import wandb
 
-                logged["eval/retrieval_examples"] = wandb.Image(str(self.examples_png))
+                logged[f"{split}/retrieval_examples"] = wandb.Image(str(self.examples_png))
+        return metrics
+
+    def evaluate(self, epoch: int) -> bool:
+        """Evaluate the selecting split (and the tracked ones), log tables and metrics; True when the
+        selecting split's t2i R1 improved on the best so far."""
+        improved = False
+        logged: dict[str, Any] = {}
+        picture = None
+        for split, loaders in self.eval_sets.items():
+            selects = split == self.cfg.eval.split
+            png_name = f"epoch_{epoch:03d}.png" if selects else f"{split}_epoch_{epoch:03d}.png"
+            metrics = self._evaluate_split(split, loaders, png_name, logged)
+            logger.info("Validation Results - Epoch: %d (%s split%s)\n%s", epoch, split,
+                        "" if selects else ", recorded, not used for selection",
+                        format_metrics_table(metrics))
+            self.metrics.write({"kind": "eval", "epoch": epoch, "step": self.state.step, "split": split,
+                                "selects": selects, "metrics": metrics})
+            logged |= flat_metrics(metrics, prefix=split)
+            if selects:
+                picture = self.examples_png
+                self.last_metrics = metrics
+                improved = metrics["t2i"]["R1"] > self.state.best_r1
+                if improved:
+                    self.state.best_r1, self.state.best_epoch = metrics["t2i"]["R1"], epoch
+                logged[f"{split}/best_t2i_R1"] = self.state.best_r1
+        self.examples_png = picture
+        logger.info("best R1: %.3f at epoch %d (%s split)", self.state.best_r1, self.state.best_epoch,
+                    self.cfg.eval.split)
         self.acc.log(logged, step=self.state.step)
         return improved
+
+    def final_test(self) -> None:
+        """A run that selects on val touches the test split here, once training is complete: on the last
+        weights and on `best` (one evaluation when they are the same epoch). Recorded as ``final`` rows."""
+        cfg = self.cfg
+        if not self.eval_sets or cfg.eval.split == "test" or not cfg.eval.final_test:
+            return
+        if self.state.best_epoch <= 0:
+            logger.warning("no evaluation ran, so no best checkpoint exists: the final test evaluation is "
+                           "skipped")
+            return
+        loaders = self._eval_loaders("test")
+        last_epoch, best_epoch = cfg.train.num_epochs, self.state.best_epoch
+        logged: dict[str, Any] = {}
+        plan = [("last", last_epoch)] if best_epoch != last_epoch else []
+        plan.append(("best", best_epoch))
+        for weights, epoch in plan:
+            if weights == "best" and best_epoch != last_epoch:
+                best = self.run_dir / CHECKPOINTS_DIR / "best"
+                logger.info("loading the best checkpoint (epoch %d, selected on %s) for the test split",
+                            epoch, cfg.eval.split)
+                load_checkpoint(self.acc, resolve_checkpoint(best))
+            metrics = self._evaluate_split("test", loaders, f"test_{weights}.png", logged)
+            names = ["best", "last"] if best_epoch == last_epoch else [weights]
+            for name in names:
+                logger.info("Test Results - %s weights (epoch %d, selected on %s)\n%s", name, epoch,
+                            cfg.eval.split, format_metrics_table(metrics))
+                self.metrics.write({"kind": "final", "epoch": epoch, "step": self.state.step, "split": "test",
+                                    "weights": name, "selected_on": cfg.eval.split, "metrics": metrics})
+        self.acc.log(logged, step=self.state.step)
+
+    def _finish(self) -> None:
+        """Once per completed run: the final test evaluation, a ``complete`` row, and the selection rules'
+        test metrics (console, W&B keys ``<rule>/test_t2i_*`` and a ``results`` table)."""
+        done = [False]
+        if self.acc.is_main_process and self.metrics.path.is_file():
+            done = [any(row.get("kind") == "complete" for row in read_metrics(self.metrics.path))]
+        if broadcast_object_list(done)[0]:
+            return
+        self.final_test()
+        self.metrics.write({"kind": "complete", "epoch": self.cfg.train.num_epochs, "step": self.state.step})
+        if not self.acc.is_main_process:
+            return
+        self.results = select_results(read_metrics(self.metrics.path))
+        logged: dict[str, Any] = {}
+        for rule, result in self.results.items():
+            logged[f"{rule}/epoch"] = result["epoch"]
+            logged |= {f"{rule}/test_t2i_{name}": value for name, value in result["metrics"].items()}
+        if self.cfg.logging.wandb and self.results:
+            import wandb
+
+            columns = ["rule", "epoch", *next(iter(self.results.values()))["metrics"]]
+            logged["results/test_t2i"] = wandb.Table(columns=columns, data=[
+                [RULE_TITLES[rule], r["epoch"], *r["metrics"].values()] for rule, r in self.results.items()])
+        self.acc.log(logged, step=self.state.step)
 
     def train_epoch(self, epoch: int) -> bool:
         """Run (the rest of) one epoch; False when train.max_steps stopped it early."""
@@ -420,6 +590,7 @@ class Trainer:
             done_batches += 1
             if not self.acc.sync_gradients:
                 continue
+            self.discard_group = False
             self.state.step += 1
             self.state.batch_in_epoch = b + 1
             if cfg.optim.step_per == "step":
@@ -448,9 +619,10 @@ class Trainer:
     def _log_header(self) -> None:
         cfg, acc = self.cfg, self.acc
         logger.info("run folder: %s", self.run_dir)
-        logger.info("config:\n%s", dump_config(cfg))
-        logger.info("Using %d processes (%s, mixed precision %s)", self.world, acc.distributed_type.value,
-                    acc.mixed_precision)
+        logger.info("%s", config_summary(cfg, self.run_dir / CONFIG_FILE))
+        threads = f", {torch.get_num_threads()} CPU threads each" if self.device.type == "cpu" else ""
+        logger.info("Using %d processes (%s, mixed precision %s%s)", self.world, acc.distributed_type.value,
+                    acc.mixed_precision, threads)
         logger.info("global batch: %d per device x %d processes x %d accumulation steps = %d",
                     cfg.train.batch_size, self.world, self.accum,
                     cfg.train.batch_size * self.world * self.accum)
@@ -461,6 +633,16 @@ class Trainer:
             official = " (as the official code and the paper did)" if cfg.eval.split == "test" else ""
             logger.info("evaluating every %d epochs on the %s split; the best checkpoint is chosen by t2i R1 "
                         "on that split%s", cfg.eval.eval_period, cfg.eval.split, official)
+            for split in cfg.eval.track_splits:
+                if split in self.eval_sets:
+                    logger.info("the %s split is evaluated at the same epochs and recorded, not used for "
+                                "selection", split)
+                else:
+                    logger.info("eval.track_splits names %s, but %s has no %s images: not recorded", split,
+                                cfg.data.shards, split)
+            if cfg.eval.split != "test" and cfg.eval.final_test:
+                logger.info("the test split is evaluated once, after the last epoch, on the best and the "
+                            "last weights")
 
     def run(self, checkpoint: Path | None) -> None:
         """Train from the start or from `checkpoint` to the last epoch (or train.max_steps)."""
@@ -474,6 +656,7 @@ class Trainer:
                                   "resume with the same train.batch_size x processes")
         else:
             self.state.wandb_run_id = broadcast_object_list([new_run_id()])[0]
+            self._write_run_row()
         self.state.global_batch_size = global_batch
         if self.acc.is_main_process:
             save_config(cfg, self.run_dir / CONFIG_FILE)
@@ -498,19 +681,69 @@ class Trainer:
             if improved:
                 self.export(BEST_WEIGHTS_FILE)
         if self.state.epoch > cfg.train.num_epochs:
-            logger.info("training complete: %d epochs, %d steps, %d non-finite steps skipped; best R1 %.3f "
-                        "at epoch %d", cfg.train.num_epochs, self.state.step, self.state.nonfinite_steps,
-                        self.state.best_r1, self.state.best_epoch)
-            self._log_summary()
+            self._finish()
+            logger.info("training complete: %d epochs, %d steps, %d non-finite steps skipped; best %s R1 "
+                        "%.3f at epoch %d", cfg.train.num_epochs, self.state.step, self.state.nonfinite_steps,
+                        cfg.eval.split, self.state.best_r1, self.state.best_epoch)
+            self.completed = True  # train() prints the summary once W&B has said its last words
+
+    def _write_run_row(self) -> None:
+        """The first row of metrics.jsonl: what this run is, for irra-report (recipe, dataset, protocol)."""
+        manifest = load_manifest(self.cfg.data.shards, verify="none")
+        self.metrics.write({
+            "kind": "run", "step": 0, "recipe": self.cfg.name, "dataset": manifest.get("dataset"),
+            "annotation_sha256": manifest.get("annotation_sha256"),
+            "val_from_train": manifest.get("val_from_train"), "shards": str(self.cfg.data.shards),
+            "seed": self.cfg.train.seed, "num_epochs": self.cfg.train.num_epochs,
+            "selection_split": self.cfg.eval.split, "track_splits": list(self.cfg.eval.track_splits),
+            "final_test": self.cfg.eval.final_test and self.cfg.eval.split != "test",
+            "group": self.cfg.logging.group})
 
     def _log_summary(self) -> None:
-        """The last lines a user reads: final metrics, where the run is, and a picture to open."""
-        if self.last_metrics is not None:
+        """The last lines a user reads: test metrics per selection rule, the run folder, a picture to open."""
+        if self.results:
+            rows = {f"t2i {RULE_TITLES[rule]} @{r['epoch']}": r["metrics"]
+                    for rule, r in self.results.items()}
+            logger.info("test split, by selection rule (epoch after @):\n%s", format_metrics_table(rows))
+        elif self.last_metrics is not None:
             logger.info("final %s metrics (epoch %d):\n%s", self.cfg.eval.split, self.cfg.train.num_epochs,
                         format_metrics_table(self.last_metrics))
         logger.info("run folder: %s", self.run_dir.resolve())
         if self.examples_png is not None:
             logger.info("retrieval picture: %s", self.examples_png.resolve())
+
+
+def config_summary(cfg: Config, config_file: Path) -> str:
+    """Three lines on what this run trains, instead of the whole config (in `config_file` and in W&B)."""
+    m, o, t = cfg.model, cfg.optim, cfg.train
+    model = f"CLIP {m.pretrained}" if m.pretrained.lower() != "none" else (
+        f"random-init CLIP ({m.vision_layers}x{m.vision_width} vision, {m.text_layers}x{m.text_width} text)")
+    return (f"recipe {cfg.name}: {model}, input {m.image_size[0]}x{m.image_size[1]}, losses "
+            f"{'+'.join(cfg.loss.names)}; data {cfg.data.shards}\n"
+            f"  {t.num_epochs} epochs, {o.optimizer} lr {o.lr:g} ({o.scheduler}, {o.warmup_epochs} warm-up "
+            f"epochs), precision {t.mixed_precision}, seed {t.seed}\n"
+            f"  full config: {config_file}")
+
+
+def _end_tracking(accelerator: Accelerator, cfg: Config) -> bool:
+    """Finish the trackers (W&B writes or uploads everything and prints its closing lines); True.
+
+    Not ``accelerator.end_training()``: that also destroys the process group, which the teardown in
+    :func:`train` still needs for its barrier.
+    """
+    for tracker in accelerator.trackers:
+        tracker.finish()
+    if cfg.logging.wandb and accelerator.is_main_process:
+        finish_wandb()
+    return True
+
+
+def _interrupted(claim: RunFolderClaim | None) -> TrainingInterrupted:
+    """What Ctrl-C leaves: the run folder and its last complete checkpoint (``checkpoints/last``)."""
+    if claim is None:
+        return TrainingInterrupted(None, None)
+    last = claim.run_dir / CHECKPOINTS_DIR / "last"
+    return TrainingInterrupted(claim.run_dir, last.resolve() if last.exists() else None)
 
 
 def train(cfg: Config, *, resume: str | os.PathLike | None = None) -> Path:
@@ -528,11 +761,17 @@ def train(cfg: Config, *, resume: str | os.PathLike | None = None) -> Path:
     Raises:
         ConfigError, CheckpointError, ShardError: bad input (one-line messages).
         NonFiniteLossError: too many consecutive non-finite losses.
+        PeerFailure: another rank failed first (this rank's own error is not worth reporting).
     """
     checkpoint = resolve_resume(cfg, resume)
+    cfg = absolute_locations(cfg)  # the run works from any directory (docs/TRAINING.md)
+    require_differentiable_gather()
     accelerator = build_accelerator(cfg, log_with="wandb" if cfg.logging.wandb else None)
+    claim: RunFolderClaim | None = None
+    failed = completed = tracking_ended = False
     try:
-        with run_logging(is_main=accelerator.is_main_process, rank=accelerator.process_index) as logs:
+        with PeerFailureWatch(cfg.train.peer_failure_timeout_s), \
+                run_logging(is_main=accelerator.is_main_process, rank=accelerator.process_index) as logs:
             ensure_shards(accelerator, cfg)
             # Built before the run folder, so that bad data leaves no empty run behind.
             loader = TrainLoader(
@@ -542,20 +781,54 @@ def train(cfg: Config, *, resume: str | os.PathLike | None = None) -> Path:
                 image_aug=cfg.data.image_aug, sampler=cfg.data.sampler, num_instances=cfg.data.num_instances,
                 drop_last=cfg.data.drop_last, mlm=cfg.data.mlm, mask_global_text=cfg.data.mask_global_text,
                 pin_memory=accelerator.device.type == "cuda")
+            if cfg.eval.eval_period > 0:
+                # A missing val split stops here, before the run folder exists.
+                evaluation_splits(cfg, load_manifest(cfg.data.shards, verify="none"))
             run_dir = run_dir_of(checkpoint) if checkpoint is not None else _new_run_dir(accelerator, cfg)
-            if accelerator.is_main_process:
-                run_dir.mkdir(parents=True, exist_ok=True)
-                logs.add_file(run_dir / LOG_FILE)
-            accelerator.wait_for_everyone()
+            # Built before the run folder is claimed: model, optimizer, schedule and evaluation data that
+            # cannot be set up fail here, with nothing written.
+            trainer = Trainer(cfg, accelerator, run_dir, loader)
+            claim = _claim_on_main(accelerator, run_dir, new=checkpoint is None)
+            logs.add_file(run_dir / LOG_FILE)
             # Log lines go around the progress bar instead of through it.
             with logging_redirect_tqdm(loggers=[logs.logger]):
-                Trainer(cfg, accelerator, run_dir, loader).run(checkpoint)
+                trainer.run(checkpoint)
+            completed = True
+            tracking_ended = _end_tracking(accelerator, cfg)
+            if trainer.completed:
+                trainer._log_summary()  # the last lines a user reads, after W&B's own
+    except KeyboardInterrupt:
+        if claim is not None:
+            claim.discard_unused()
+        raise _interrupted(claim) from None
+    except Exception as err:
+        failed = True
+        if claim is not None:
+            claim.discard_unused()  # a start that failed before its first checkpoint leaves no folder
+        # Told before any teardown, so that the other ranks stop instead of waiting in a collective.
+        if not announce(f"{type(err).__name__}: {err}"):
+            raise PeerFailure(f"rank {accelerator.process_index} stopped after another rank failed") from None
+        raise
+    except BaseException:
+        if claim is not None:
+            claim.discard_unused()
+        raise
     finally:
-        accelerator.end_training()
-        if cfg.logging.wandb and accelerator.is_main_process:
-            finish_wandb()
-        # ZeRO-3 processes abort at exit unless the group is torn down explicitly.
-        if dist.is_available() and dist.is_initialized():
-            dist.destroy_process_group()
+        if claim is not None:
+            claim.release()
+        if failed and accelerator.num_processes > 1:
+            # No collective teardown: the other ranks are gone or about to be (the caller exits at once).
+            if cfg.logging.wandb and accelerator.is_main_process and not tracking_ended:
+                finish_wandb()
+        else:
+            if completed and accelerator.num_processes > 1:
+                # Every rank has stopped watching the store before any rank tears it down.
+                accelerator.wait_for_everyone()
+            if not tracking_ended:
+                _end_tracking(accelerator, cfg)
+            accelerator.state.destroy_process_group()  # what end_training does besides the trackers
+            # ZeRO-3 processes abort at exit unless the group is torn down explicitly.
+            if dist.is_available() and dist.is_initialized():
+                dist.destroy_process_group()
     return run_dir
 

@@ -166,17 +166,18 @@ def _positive_ranks(order_key: torch.Tensor, pos_cols: torch.Tensor, valid: torc
     return hist.cumsum_(1)[:, :-1]
 
 
-def format_metrics_table(rows: Mapping[str, Mapping[str, float]]) -> str:
+def format_metrics_table(rows: Mapping[str, Mapping[str, float]], label: str = "task") -> str:
     """Render results in the official PrettyTable layout (centred cells, values as ``.3f``).
 
     Args:
         rows: Task name (e.g. ``"t2i"``, ``"i2t"``) to its :func:`retrieval_metrics` result; each must hold
             ``R1``, ``R5``, ``R10``, ``mAP`` and ``mINP``.
+        label: the first column's heading (e.g. "shards" for one row per evaluated set).
 
     Returns:
         The table as a multi-line string (no trailing newline).
     """
-    header = ("task", *METRIC_COLUMNS)
+    header = (label, *METRIC_COLUMNS)
     body = [(task, *(f"{metrics[c]:.3f}" for c in METRIC_COLUMNS)) for task, metrics in rows.items()]
     widths = [max(len(line[i]) for line in (header, *body)) for i in range(len(header))]
     rule = "+" + "+".join("-" * (w + 2) for w in widths) + "+"

@@ -121,22 +121,49 @@ def load_official_irra_checkpoint(path: str | os.PathLike, image_size: tuple[int
         CheckpointError: missing, truncated or non-IRRA file.
     """
     path = Path(path)
-    state_dict = _irra_state_dict(read_weights_file(path, _IRRA_WHAT), path)
-    return irra_from_state_dict(state_dict, str(path), image_size, stride_size, **kwargs)
+    obj = read_weights_file(path, _IRRA_WHAT)
+    _apply_facts(_export_facts(obj), kwargs)
+    return irra_from_state_dict(_irra_state_dict(obj, path), str(path), image_size, stride_size, **kwargs)
 
 
 def _plain_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().contiguous() for k, v in _strip_module_prefix(model.state_dict()).items()}
 
 
+EXPORT_FACTS_KEY = "irra_dist"
+"""Entry of an exported ``best.pth`` holding what its tensors cannot tell (head counts, input size, stride,
+temperature), as strings. The official loader reads only ``checkpoint["model"]`` and ignores it."""
+
+
+def official_loader_mismatch(model: nn.Module) -> str | None:
+    """How the official code would build `model` differently from its tensors alone, or None.
+
+    The official ``build_model`` derives head counts as width // 64 (IRRA_SPEC 1.1); a model with other head
+    counts loads there without error but computes something else.
+    """
+    if not isinstance(model, IRRA):
+        return None
+    sizes = model.base_model.sizes
+    official = (max(sizes.vision_width // 64, 1), max(sizes.text_width // 64, 1))
+    if (sizes.vision_heads, sizes.text_heads) == official:
+        return None
+    return (f"the official code builds {official[0]} vision / {official[1]} text attention heads from "
+            f"these widths, this model has {sizes.vision_heads} / {sizes.text_heads}: the file reloads "
+            "exactly with irra_dist (irra-eval, irra-search), but the official test.py would evaluate a "
+            "different model")
+
+
 def export_official_checkpoint(model: nn.Module, path: str | os.PathLike) -> None:
-    """Write ``{"model": state_dict}`` with the official key names (what the official ``test.py`` loads).
+    """Write ``{"model": state_dict, "irra_dist": facts}`` with the official key names (what the official
+    ``test.py`` loads: it reads only ``"model"``).
 
     Tensors are written in the model's dtype (fp32 for irra_dist models); a ``module.`` prefix is dropped.
-    The file appears atomically (temporary name, then rename).
+    ``facts`` (:data:`EXPORT_FACTS_KEY`) are the architecture facts the tensors cannot carry, read back by
+    :func:`load_irra_weights` so that a reload builds the same model. The file appears atomically.
     """
     state_dict = _plain_state_dict(model)
-    atomic_write(Path(path), lambda tmp: torch.save({"model": state_dict}, tmp))
+    payload = {"model": state_dict, EXPORT_FACTS_KEY: _model_metadata(model)}
+    atomic_write(Path(path), lambda tmp: torch.save(payload, tmp))
 
 
 def _model_metadata(model: nn.Module) -> dict[str, str]:
@@ -152,16 +179,20 @@ def _model_metadata(model: nn.Module) -> dict[str, str]:
 
 
 def save_weights_safetensors(model: nn.Module, path: str | os.PathLike,
-                             metadata: Mapping[str, str] | None = None) -> None:
+                             metadata: Mapping[str, str] | None = None,
+                             state_dict: Mapping[str, torch.Tensor] | None = None) -> None:
     """Write the weights as safetensors with the official key names, atomically.
 
     The image size, stride and temperature go into the file's metadata, so :func:`load_irra_weights`
     rebuilds the model without further arguments; ``metadata`` adds entries (e.g. the run config as YAML).
+    ``state_dict`` replaces the model's own tensors (e.g. fp32 master weights of a half-precision model).
     """
     from safetensors.torch import save_file
 
+    tensors = model.state_dict() if state_dict is None else state_dict
+    plain = {k: v.detach().cpu().contiguous() for k, v in _strip_module_prefix(dict(tensors)).items()}
     # safetensors refuses tensors that share storage; clone the (few) that do.
-    state_dict = {k: v.clone() for k, v in _plain_state_dict(model).items()}
+    state_dict = {k: v.clone() for k, v in plain.items()}
     meta = {**_model_metadata(model), **(metadata or {})}
     atomic_write(Path(path), lambda tmp: save_file(state_dict, tmp, metadata=meta))
 
@@ -186,17 +217,32 @@ def load_irra_weights(path: str | os.PathLike, image_size: tuple[int, int] | Non
         state_dict, meta = _read_safetensors(path)
         state_dict = _irra_state_dict(state_dict, path)
     else:
-        state_dict = _irra_state_dict(read_weights_file(path, _IRRA_WHAT), path)
+        obj = read_weights_file(path, _IRRA_WHAT)
+        meta = _export_facts(obj)
+        state_dict = _irra_state_dict(obj, path)
     if image_size is None:
         stored = meta.get("image_size")
         image_size = tuple(int(v) for v in stored.split(",")) if stored else (384, 128)
     if stride_size is None:
         stride_size = int(meta.get("stride_size", 16))
+    _apply_facts(meta, kwargs)
+    return irra_from_state_dict(state_dict, str(path), image_size, stride_size, **kwargs)
+
+
+def _export_facts(obj: Any) -> dict[str, str]:
+    """The :data:`EXPORT_FACTS_KEY` entry of a loaded ``best.pth`` (empty for official files)."""
+    facts = obj.get(EXPORT_FACTS_KEY) if isinstance(obj, Mapping) else None
+    if not isinstance(facts, Mapping):
+        return {}
+    return {str(k): str(v) for k, v in facts.items()}
+
+
+def _apply_facts(meta: Mapping[str, str], kwargs: dict[str, Any]) -> None:
+    """Default temperature and head counts from stored facts (explicit arguments win)."""
     if "temperature" in meta:
         kwargs.setdefault("temperature", float(meta["temperature"]))
     if "vision_heads" in meta and "text_heads" in meta:
         kwargs.setdefault("heads", (int(meta["vision_heads"]), int(meta["text_heads"])))
-    return irra_from_state_dict(state_dict, str(path), image_size, stride_size, **kwargs)
 
 
 def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

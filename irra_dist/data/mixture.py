@@ -1,0 +1,63 @@
+"""Mixtures of training sources: how many samples each source gives an epoch, and which ones.
+
+Sources are concatenated into one sample space (source s owns global samples ``[offset_s, offset_s + n_s)``)
+and one identity space (source s's pids are shifted by the train ids of the sources before it, so
+identities of different sources never merge). An epoch has as many samples as all sources together; source
+s gets the share ``w_s / sum(w)`` of them (largest-remainder rounding, so the shares add up exactly). A
+source asked for more samples than it holds is drawn with replacement, as whole shuffled passes over it plus
+a shuffled part of one more pass, so every sample repeats as evenly as possible; one asked for fewer gives a
+random subset. Everything follows from (seed, epoch), so the draw is the same on every rank and for every
+number of ranks; the sampler then orders the drawn samples as it would a single source.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+_STREAM_MIXTURE = 3  # beside the pipeline's order / image / MLM seed streams
+
+
+def source_quotas(sizes: list[int], weights: list[float]) -> np.ndarray:
+    """Samples per source in one epoch: ``sum(sizes)`` shared in proportion to `weights`.
+
+    Raises:
+        ValueError: no sources, a negative or all-zero weight, or a source without samples.
+    """
+    sizes_arr = np.asarray(sizes, dtype=np.int64)
+    w = np.asarray(weights, dtype=np.float64)
+    if len(sizes_arr) == 0 or len(sizes_arr) != len(w):
+        raise ValueError(f"need one weight per source, got {len(sizes_arr)} sources and {len(w)} weights")
+    if (w < 0).any() or not np.isfinite(w).all() or w.sum() <= 0:
+        raise ValueError(f"source weights must be finite, >= 0 and not all 0, got {list(weights)}")
+    if (sizes_arr <= 0).any():
+        raise ValueError(f"every source needs training samples, got sizes {list(sizes)}")
+    total = int(sizes_arr.sum())
+    exact = w / w.sum() * total
+    quotas = np.floor(exact).astype(np.int64)
+    # Largest remainder; ties go to the earlier source, so the result is deterministic.
+    order = np.lexsort((np.arange(len(w)), -(exact - quotas)))
+    quotas[order[: total - int(quotas.sum())]] += 1
+    return quotas
+
+
+def draw_epoch(sizes: list[int], weights: list[float], seed: int, epoch: int) -> np.ndarray:
+    """The global sample ids of one epoch of the mixture, grouped by source (the sampler shuffles them).
+
+    Args:
+        sizes: training samples (captions) per source.
+        weights: relative share of each source in an epoch.
+        seed: run seed.
+        epoch: 1-based epoch.
+    """
+    from irra_dist.data.pipeline import derive_seed
+
+    quotas = source_quotas(sizes, weights)
+    offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+    parts = []
+    for s, (size, quota, offset) in enumerate(zip(sizes, quotas.tolist(), offsets.tolist())):
+        rng = np.random.Generator(np.random.PCG64(derive_seed(seed, epoch, _STREAM_MIXTURE, s)))
+        passes, rest = divmod(quota, size)
+        picks = [rng.permutation(size) for _ in range(passes)]
+        picks.append(rng.permutation(size)[:rest])
+        parts.append(np.concatenate(picks) + offset)
+    return np.concatenate(parts)

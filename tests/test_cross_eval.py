@@ -1,0 +1,56 @@
+"""Cross-dataset evaluation: one model, the test split of several shard sets, one table and one JSON."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from irra_dist.engine.cli import evaluate_main
+
+
+def _direct_metrics(model, shards: Path) -> dict:
+    """The reference: embed every gallery image and query with the model itself and score them."""
+    from irra_dist.data.pipeline import build_eval_loaders
+    from irra_dist.evaluation.metrics import retrieval_metrics
+
+    gallery, queries = build_eval_loaders(shards, "test", batch_size=64, image_size=(64, 32))
+    with torch.no_grad():
+        g = [(model.encode_image(b["images"]), b["pids"]) for b in gallery]
+        q = [(model.encode_text(b["caption_ids"]), b["pids"]) for b in queries]
+    return retrieval_metrics(torch.cat([f for f, _ in q]), torch.cat([f for f, _ in g]),
+                             torch.cat([p for _, p in q]), torch.cat([p for _, p in g]))
+
+
+def test_one_row_per_shard_set(tiny_shards: Path, tmp_path: Path, capsys, fresh_accelerate) -> None:
+    from irra_dist.data.shards import build_shards
+    from irra_dist.data.synthetic import generate_synthetic_dataset
+    from irra_dist.model import build_irra, save_weights_safetensors
+
+    # A second population: other people, other captions, another gallery size.
+    generate_synthetic_dataset(tmp_path / "other" / "CUHK-PEDES", num_train_ids=3, num_val_ids=1,
+                               num_test_ids=6, images_per_id=(3, 3), captions_per_image=2, seed=99)
+    other = tmp_path / "other_shards"
+    build_shards("CUHK-PEDES", tmp_path / "other", other, shard_size=8, workers=1, progress=False)
+
+    torch.manual_seed(0)
+    model = build_irra(13, embed_dim=32, image_size=(64, 32), patch_size=16, stride_size=16, vision_width=32,
+                       vision_layers=1, vision_heads=2, text_width=32, text_layers=1, text_heads=2,
+                       cmt_depth=1).eval()
+    weights = tmp_path / "model.safetensors"
+    save_weights_safetensors(model, weights)
+    out = tmp_path / "cross.json"
+    assert evaluate_main([str(weights), "--shards", str(tiny_shards), str(other), "--num-workers", "0",
+                          "--batch-size", "5", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "20 queries, 20 images" in printed and "36 queries, 18 images" in printed
+    table = [line for line in printed.splitlines() if line.startswith("|")]
+    assert table[0].split("|")[1].strip() == "shards"
+    assert [row.split("|")[1].strip() for row in table[1:]] == [tiny_shards.name, other.name]
+    results = json.loads(out.read_text())
+    assert [r["shards"] for r in results] == [str(tiny_shards), str(other)]
+    assert [r["num_gallery"] for r in results] == [20, 18]
+    for result, shards in zip(results, (tiny_shards, other)):
+        assert result["metrics"]["t2i"] == pytest.approx(_direct_metrics(model, shards), abs=1e-4)

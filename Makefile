@@ -1,5 +1,5 @@
 # Two commands a newcomer needs: `make demo` (train the demo) and `make test` (the whole suite).
-# Both create .venv on first use and install irra_dist into it with the deepspeed and dev extras.
+# Both create .venv on first use and install irra_dist into it with the deepspeed, serve and dev extras.
 
 PYTHON ?= python3
 VENV   := .venv
@@ -13,7 +13,7 @@ $(BIN)/activate-irra: setup.cfg pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q $(TORCH_PINS)
-	$(BIN)/python -m pip install -q -e ".[deepspeed,dev]"
+	$(BIN)/python -m pip install -q -e ".[deepspeed,serve,dev]"
 	touch $@
 
 demo: $(BIN)/activate-irra

@@ -55,13 +55,17 @@ from irra_dist.data.transforms import DECODE_ERRORS, decode_image, test_transfor
 from irra_dist.fileio import atomic_write, atomic_write_bytes
 from irra_dist.model import IRRA, CheckpointError, build_irra_from_config, load_irra_weights
 from irra_dist.model.clip import load_into
+from irra_dist.retrieval.results import (  # noqa: F401 (format_results, slugify: part of this module's API)
+    QueryResult,
+    default_out_path,
+    format_results,
+    render_results,
+    slugify,
+)
 from irra_dist.tokenizer import TokenizerError, tokenize
 from irra_dist.visualize import (
     FixedQueries,
-    Hit,
-    QueryRow,
     VisualizeError,
-    render_retrieval_grid,
     save_retrieval_examples,
     top_k_matches,
 )
@@ -610,22 +614,6 @@ def cached_gallery_features(search_model: SearchModel, gallery: Gallery, *, cach
 # Search
 
 
-@dataclass
-class QueryResult:
-    """The top-k of one query."""
-
-    text: str
-    pid: int | None
-    scores: list[float]
-    indices: list[int]
-    """Gallery indices, best first."""
-    names: list[str]
-    pids: list[int] | None
-    """The hits' pids (shard galleries)."""
-    correct: list[bool] | None
-    """Hit pid == query pid, when both are known."""
-
-
 @torch.no_grad()
 def search(search_model: SearchModel, gallery: Gallery, gallery_feats: torch.Tensor, texts: Sequence[str],
            query_pids: Sequence[int | None] | None = None, *, top_k: int = 10,
@@ -689,56 +677,6 @@ def warn_long_queries(texts: Sequence[str], context_length: int) -> list[int]:
     return cut
 
 
-def format_results(results: Sequence[QueryResult]) -> str:
-    """The results as a plain-text table per query."""
-    lines = []
-    for q, res in enumerate(results, start=1):
-        pid = f" (pid {res.pid})" if res.pid is not None else ""
-        lines.append(f"query {q}{pid}: {res.text}")
-        header = f"  {'rank':>4}  {'score':>7}"
-        if res.pids is not None:
-            header += f"  {'pid':>6}"
-        if res.correct is not None:
-            header += f"  {'match':<9}"
-        lines.append(header + "  image")
-        for r, (score, name) in enumerate(zip(res.scores, res.names)):
-            row = f"  {r + 1:>4}  {score:>7.4f}"
-            if res.pids is not None:
-                row += f"  {res.pids[r]:>6}"
-            if res.correct is not None:
-                row += f"  {'correct' if res.correct[r] else 'wrong':<9}"
-            lines.append(f"{row}  {name}")
-    return "\n".join(lines)
-
-
-def render_results(results: Sequence[QueryResult], gallery: Gallery, out_path: str | os.PathLike, *,
-                   thumb_size: tuple[int, int] = (128, 48)) -> Path:
-    """Draw all queries as one PNG, a row each (see :func:`irra_dist.visualize.render_retrieval_grid`)."""
-    wanted = sorted({i for res in results for i in res.indices})
-    images = dict(zip(wanted, gallery.load_images(wanted)))
-    rows = []
-    for res in results:
-        labels = ([f"pid {p}" for p in res.pids] if res.pids is not None
-                  else [Path(name).stem for name in res.names])
-        correct = res.correct or [None] * len(res.indices)
-        hits = [Hit(images[i], s, c, lab) for i, s, c, lab in zip(res.indices, res.scores, correct, labels)]
-        prefix = f"[pid {res.pid}] " if res.pid is not None else ""
-        rows.append(QueryRow(prefix + res.text, hits))
-    return render_retrieval_grid(rows, out_path, thumb_size=thumb_size)
-
-
-def slugify(text: str, max_len: int = 40) -> str:
-    """A file-name-safe lower-case slug of `text` ("query" when nothing is left)."""
-    slug = re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:max_len].rstrip("-")
-    return slug or "query"
-
-
-def default_out_path(home: Path, texts: Sequence[str]) -> Path:
-    """``<home>/search_<slug of the first query>[_and_<n>_more].png``."""
-    more = f"_and_{len(texts) - 1}_more" if len(texts) > 1 else ""
-    return home / f"search_{slugify(texts[0])}{more}.png"
-
-
 # --------------------------------------------------------------------------------------------------
 # Command line
 
@@ -754,7 +692,9 @@ def _arg_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="irra-search",
         description="Search a gallery of person images with free text; prints the top-k and writes a PNG "
-                    "grid (one row per query, all queries in one file).")
+                    "grid (one row per query, all queries in one file).",
+        epilog="To answer from a faiss index built by irra-index instead: irra-search --index INDEX_DIR "
+               "--query TEXT [--runtime torch|onnx] (see irra-search --index X --help).")
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--run", help="run folder holding config.yaml and model.safetensors")
     source.add_argument("--checkpoint", help="a .safetensors export or an official IRRA best.pth")
@@ -819,6 +759,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     Returns:
         0 on success, 2 on bad input (one ``error:`` line on stderr).
     """
+    from irra_dist.serving.query_cli import index_main, wants_index
+
+    if wants_index(sys.argv[1:] if argv is None else argv):
+        return index_main(sys.argv[1:] if argv is None else list(argv))
     args = _arg_parser().parse_args(argv)
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")

@@ -13,11 +13,16 @@ import gzip
 import html
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import ftfy
 import numpy as np
 import regex
-import torch
+
+if TYPE_CHECKING:
+    import torch
+
+# torch is imported only where a tensor is made: the ONNX query path tokenises without the training stack.
 
 VOCAB_SIZE = 49408
 MASK_ID = 49405
@@ -159,13 +164,13 @@ class SimpleTokenizer:
             ids.extend(self._word_ids(word.encode("utf-8").decode("latin-1").translate(self._byte_table)))
         return ids
 
-    def decode(self, ids: Sequence[int] | torch.Tensor) -> str:
+    def decode(self, ids: Sequence[int] | np.ndarray | torch.Tensor) -> str:
         """Turn ids back into text; each word is followed by a space (CLIP's ``</w>`` marker).
 
         Raises:
             TokenizerError: an id outside ``[0, VOCAB_SIZE)``.
         """
-        if isinstance(ids, torch.Tensor):
+        if hasattr(ids, "tolist"):
             ids = ids.tolist()
         try:
             text = "".join(self.decoder[int(i)] for i in ids)
@@ -198,6 +203,14 @@ def tokenize(texts: str | Sequence[str], context_length: int = CONTEXT_LENGTH, t
     Raises:
         TokenizerError: a caption is too long and `truncate` is False, or `context_length` < 2.
     """
+    import torch
+
+    return torch.from_numpy(tokenize_numpy(texts, context_length, truncate, tokenizer=tokenizer))
+
+
+def tokenize_numpy(texts: str | Sequence[str], context_length: int = CONTEXT_LENGTH, truncate: bool = True, *,
+                   tokenizer: SimpleTokenizer | None = None) -> np.ndarray:
+    """:func:`tokenize` as an int64 numpy array, without importing torch (the ONNX query path)."""
     if context_length < 2:
         raise TokenizerError(f"context_length must be >= 2 to hold SOT and EOT, got {context_length}")
     tok = tokenizer or default_tokenizer()
@@ -213,5 +226,4 @@ def tokenize(texts: str | Sequence[str], context_length: int = CONTEXT_LENGTH, t
             ids = ids[:context_length]
             ids[-1] = EOT_ID
         out[row, :len(ids)] = ids
-    result = torch.from_numpy(out)
-    return result[0] if single else result
+    return out[0] if single else out

@@ -22,13 +22,17 @@ import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
-import torch
-import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 
 from irra_dist.fileio import atomic_write
+
+if TYPE_CHECKING:
+    import torch
+
+# torch is imported only by the functions that take tensors: drawing a grid (the ONNX query path of
+# irra-search --index) must not load the training stack.
 
 logger = logging.getLogger(__name__)
 
@@ -354,7 +358,20 @@ GalleryImageLoader = Callable[[Sequence[int]], list[Image.Image]]
 """Returns the PIL images of the given gallery indices, in that order."""
 
 
-@torch.no_grad()
+def _no_grad(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``torch.no_grad()`` as a decorator that imports torch at call time, not at import."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        import torch
+
+        with torch.no_grad():
+            return fn(*args, **kwargs)
+
+    return wrapper
+
+
+@_no_grad
 def top_k_matches(text_feats: torch.Tensor, gallery_feats: torch.Tensor,
                   k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Cosine similarity top-k of each text among the gallery images.
@@ -367,11 +384,13 @@ def top_k_matches(text_feats: torch.Tensor, gallery_feats: torch.Tensor,
     Returns:
         (scores [Q, k], indices [Q, k]), best first.
     """
+    import torch.nn.functional as F
+
     sims = F.normalize(text_feats.float(), dim=-1) @ F.normalize(gallery_feats.float(), dim=-1).t()
     return sims.topk(min(k, sims.shape[1]), dim=1)
 
 
-@torch.no_grad()
+@_no_grad
 def save_retrieval_examples(model: torch.nn.Module | None, gallery_feats: torch.Tensor,
                             gallery_pids: torch.Tensor, gallery_images: GalleryImageLoader,
                             queries: FixedQueries, out_path: str | os.PathLike, *, top_k: int = 5,

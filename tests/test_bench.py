@@ -207,6 +207,7 @@ def test_peak_rss_growth_sees_a_touched_allocation():
 
 # Every bench module's own options, beside --quick and --json.
 MODULE_OPTIONS = {"bench_data": [], "bench_gradcache": ["--threads", "--no-projection"],
+                  "bench_index": ["--sizes", "--threads", "--parts"],
                   "bench_metrics": ["--device", "--baseline-max-gib"],
                   "bench_model_step": ["--threads"], "bench_search": [], "bench_synthetic": ["--dir"],
                   "bench_text_optim": [], "bench_train": []}

@@ -146,7 +146,8 @@ def load_search_model(run: str | os.PathLike | None = None, checkpoint: str | os
         model_cfg = cfg.model
         shards = Path(cfg.data.shards)
         default_gallery = shards if (shards / MANIFEST_NAME).is_file() else None
-        default_split = cfg.eval.split
+        # The test split is the evaluation gallery; val (where runs now select) is often a small carve-out.
+        default_split = "test"
     else:
         file = Path(checkpoint)
         if not file.is_file():
@@ -708,8 +709,8 @@ def _arg_parser() -> argparse.ArgumentParser:
                         help="also query with the first caption of the first N distinct pids of the split")
     parser.add_argument("--gallery", help="shard set folder (manifest.json) or a folder of images "
                                           "(default with --run: the run's data.shards)")
-    parser.add_argument("--split", default=None, help="shard split to search (default: the run's eval.split, "
-                                                      "else test)")
+    parser.add_argument("--split", default=None, help="shard split to search (default: test, the "
+                                                      "evaluation gallery)")
     parser.add_argument("--top-k", type=int, default=10, help="hits per query (default 10)")
     parser.add_argument("--out", help="PNG path (default: <run or checkpoint folder>/search_<slug>.png)")
     parser.add_argument("--cache-dir",

@@ -325,3 +325,16 @@ def test_images_without_captions_stay_in_the_gallery_and_their_train_pid_counts(
     build_shards("CUHK-PEDES", tmp_path, out, shard_size=4, workers=1, progress=False, overwrite=True)
     with pytest.raises(ShardError, match="no training captions"):
         TrainLoader(out, global_batch_size=4, image_size=size)
+
+
+def test_torch_free_record_read_equals_the_wids_reader(tiny_shards: Path) -> None:
+    """read_record_members (tarfile, for the ONNX serving path) returns what wids returns, every record."""
+    from irra_dist.data.shards import RecordReader, SplitIndex, load_manifest, read_record_members
+
+    manifest = load_manifest(tiny_shards)
+    for split in ("train", "test"):
+        index = SplitIndex.load(tiny_shards, manifest, split)
+        reader = RecordReader(index)
+        assert len(set(index.shard.tolist())) > 1  # records spread over several shards
+        for record in range(len(index)):
+            assert read_record_members(index, record) == reader.sample(record), (split, record)

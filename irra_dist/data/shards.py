@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import collections
 import contextlib
+import functools
 import hashlib
 import io
 import json
@@ -40,6 +41,7 @@ import os
 import re
 import struct
 import sys
+import tarfile
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -47,8 +49,6 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-import webdataset as wds
-import wids
 from PIL import Image
 from tqdm import tqdm
 
@@ -338,7 +338,7 @@ def _write_split(out: Path, split: str, records: list[ImageRecord], pool: Execut
         entry["num_records"] = in_shard
         shards.append(entry)
 
-    writer: wds.ShardWriter | None = None
+    writer: Any = None  # a webdataset.ShardWriter once the first sample arrives
     pids: set[int] = set()
     num_captions = 0
     try:
@@ -355,6 +355,8 @@ def _write_split(out: Path, split: str, records: list[ImageRecord], pool: Execut
                 build_skipped.append(reason)
                 continue
             if writer is None:  # opened on the first image, so an empty split writes no empty tar
+                import webdataset as wds  # here, not at the top: webdataset imports torch, readers don't
+
                 writer = wds.ShardWriter(str(out / f"{split}-%06d.tar"), maxcount=shard_size,
                                          maxsize=float("inf"), verbose=0, opener=open_shard, post=close_shard,
                                          encoder=False, **_TAR_DEFAULTS)
@@ -429,7 +431,7 @@ def index_shards(shards_dir: str | os.PathLike, *, dataset: str | None = None) -
         pids: set[int] = set()
         num_captions = 0
         for path in tars[split]:
-            samples = wids.wids.IndexedTarSamples(path=str(path))
+            samples = _wids().wids.IndexedTarSamples(path=str(path))
             try:
                 for i in range(len(samples)):
                     members = samples[i]
@@ -659,24 +661,71 @@ class SplitIndex:
         return cls(location, split, shard_files, **columns, shard_entries=list(entry["shards"]), store=store)
 
 
-class _StoreShards(wids.wids.LRUShards):
+def _wids() -> Any:
+    """The wids package, imported on first use: it imports torch, which the torch-free serving path (ONNX
+    queries over a shard gallery, :func:`read_record_members`) must not load."""
+    import wids
+
+    return wids
+
+
+@functools.cache
+def _store_shards_type() -> type:
     """wids' LRU of open, indexed shards, opening each through the :class:`ShardStore` (the local file, or a
     fetched, verified, cached copy) instead of wids' downloader (see :mod:`irra_dist.data.sources`)."""
+    wids = _wids()
 
-    def __init__(self, lru_size: int, shard_path: Callable[[str], Path]) -> None:
-        super().__init__(lru_size, localname=shard_path)
-        self._shard_path = shard_path
+    class StoreShards(wids.wids.LRUShards):
+        def __init__(self, lru_size: int, shard_path: Callable[[str], Path]) -> None:
+            super().__init__(lru_size, localname=shard_path)
+            self._shard_path = shard_path
 
-    def get_shard(self, url: str) -> wids.wids.IndexedTarSamples:
-        self.accesses += 1
-        if url not in self.lru:
-            path = self._shard_path(url)
-            try:
-                self.lru[url] = wids.wids.IndexedTarSamples(path=str(path))
-            except (struct.error, ValueError, UnicodeDecodeError) as err:  # a cut or garbled tar header
-                raise RecordError(f"{url} cannot be indexed as a tar file ({err})") from None
-            self.misses += 1
-        return self.lru[url]
+        def get_shard(self, url: str) -> Any:
+            self.accesses += 1
+            if url not in self.lru:
+                path = self._shard_path(url)
+                try:
+                    self.lru[url] = wids.wids.IndexedTarSamples(path=str(path))
+                except (struct.error, ValueError, UnicodeDecodeError) as err:  # a cut or garbled tar header
+                    raise RecordError(f"{url} cannot be indexed as a tar file ({err})") from None
+                self.misses += 1
+            return self.lru[url]
+
+    return StoreShards
+
+
+def read_record_members(index: SplitIndex, record: int) -> dict[str, bytes]:
+    """The members of one record of a LOCAL shard set as ``{extension: bytes}``, with the standard library's
+    tarfile instead of wids, so that no torch is imported (wids imports it). For reading a handful of
+    records (a search result's images); loaders use :class:`RecordReader`.
+
+    Raises:
+        RecordError: the shard ends before the record, or is not a tar file.
+        OSError: the shard cannot be opened.
+    """
+    shard = int(index.shard[record])
+    position = record - int(np.searchsorted(index.shard, shard))  # records are in shard order
+    path = Path(index.shards_dir) / index.shard_files[shard]
+    members: dict[str, bytes] = {}
+    key, seen = None, -1
+    try:
+        with tarfile.open(path) as tar:
+            for info in tar:
+                if not info.isfile():
+                    continue
+                name = info.name.rsplit("/", 1)[-1]
+                stem, _, ext = name.partition(".")
+                if stem != key:  # a new sample starts (webdataset groups members by key prefix)
+                    if seen == position:
+                        break
+                    key, seen = stem, seen + 1
+                if seen == position:
+                    members[ext] = tar.extractfile(info).read()
+    except tarfile.TarError as err:
+        raise RecordError(f"{path} cannot be read as a tar file ({err})") from None
+    if not members:
+        raise RecordError(f"{path} ends before record {record} of the {index.split} split")
+    return members
 
 
 class RecordReader:
@@ -690,7 +739,7 @@ class RecordReader:
         self.index = index
         self.open_shards = max(1, min(open_shards, len(index.shard_files)))
         self._entries = {e["file"]: e for e in index.shard_entries}
-        self._wids: wids.ShardListDataset | None = None
+        self._wids: Any = None  # a wids.ShardListDataset, made in the process that reads
         self._owner = -1
 
     def __getstate__(self) -> dict[str, Any]:
@@ -703,14 +752,14 @@ class RecordReader:
             return store.local_path(name)
         return store.shard_path(name, int(entry["bytes"]), str(entry["sha256"]))
 
-    def _dataset(self) -> wids.ShardListDataset:
+    def _dataset(self) -> Any:
         if self._wids is None or self._owner != os.getpid():
             counts = np.bincount(self.index.shard, minlength=len(self.index.shard_files)).tolist()
             shardlist = [{"url": name, "nsamples": n} for name, n in zip(self.index.shard_files, counts)]
             with contextlib.redirect_stderr(io.StringIO()):  # wids prints a summary line per dataset
-                dataset = wids.ShardListDataset(shardlist, transformations=[], lru_size=self.open_shards,
+                dataset = _wids().ShardListDataset(shardlist, transformations=[], lru_size=self.open_shards,
                                                 localname=str)
-            dataset.cache = _StoreShards(self.open_shards, self._shard_path)
+            dataset.cache = _store_shards_type()(self.open_shards, self._shard_path)
             self._wids, self._owner = dataset, os.getpid()
         return self._wids
 

@@ -404,13 +404,19 @@ class GalleryIndex:
         try:
             if src["kind"] == "folder":
                 return (Path(src["root"]) / locator).read_bytes()
-            reader = self._readers.get(src_id)
-            if reader is None:
-                from irra_dist.data.shards import RecordReader, SplitIndex, load_manifest
+            split = self._readers.get(src_id)
+            if split is None:
+                from irra_dist.data.shards import SplitIndex, load_manifest
 
                 split = SplitIndex.load(src["root"], load_manifest(src["root"], verify="none"), src["split"])
-                reader = self._readers[src_id] = RecordReader(split)
-            return reader.read(int(locator))[0]
+                self._readers[src_id] = split
+            from irra_dist.data.shards import read_record_members
+
+            members = read_record_members(split, int(locator))  # no wids: it would import torch
+            members.pop("json", None)
+            if len(members) != 1:
+                raise KeyError(f"record {locator} has {len(members)} image members, not one")
+            return next(iter(members.values()))
         except Exception as err:  # noqa: BLE001 - any failure to fetch is the same one-line message
             raise GalleryIndexError(f"cannot read indexed image {self.items.name[i]} from {src['root']} "
                                     f"({type(err).__name__}: {err}): was the gallery moved? rebuild the "

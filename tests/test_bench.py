@@ -210,7 +210,7 @@ MODULE_OPTIONS = {"bench_data": [], "bench_gradcache": ["--threads", "--no-proje
                   "bench_index": ["--sizes", "--threads", "--parts"],
                   "bench_metrics": ["--device", "--baseline-max-gib"],
                   "bench_model_step": ["--threads"], "bench_search": [], "bench_synthetic": ["--dir"],
-                  "bench_text_optim": [], "bench_train": []}
+                  "bench_text_optim": [], "bench_threads": [], "bench_train": []}
 
 
 @pytest.mark.parametrize("name", sorted(MODULE_OPTIONS))

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from irra_dist.config import Config, ConfigError, load_config
 from irra_dist.data.shards import MANIFEST_NAME
+from irra_dist.data.sources import is_remote
 from irra_dist.engine.runlog import CONFIG_FILE
 
 LOCK_FILE = ".lock"
@@ -99,7 +100,10 @@ def claim_run_folder(run_dir: Path, *, new: bool) -> RunFolderClaim:
 
 
 def _absolute(path: str) -> str:
-    return os.path.abspath(os.path.expanduser(path)) if path else path
+    """A local path made absolute; a remote location (http://, s3://, pipe:) is kept as written."""
+    if not path or is_remote(path):
+        return path
+    return os.path.abspath(os.path.expanduser(path))
 
 
 def absolute_locations(cfg: Config) -> Config:
@@ -124,9 +128,9 @@ def relocate(path: str, run_dir: Path, saved_run_dir: Path) -> str:
     A location that still holds shards is kept; otherwise, if the run folder moved, the same position
     relative to the run folder is tried (repository moved as a whole). A relative location (runs written
     before locations were stored resolved) is taken relative to the current directory, then to the folder
-    holding the run's output folder.
+    holding the run's output folder. A remote location is kept as written.
     """
-    if not path:
+    if not path or is_remote(path):
         return path
     stored = Path(path).expanduser()
     candidates = [stored]

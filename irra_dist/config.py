@@ -74,12 +74,34 @@ class ModelConfig:
 
 
 @dataclass
+class SourceConfig:
+    """One shard set of a training mixture (``data.sources``)."""
+
+    shards: str = ""
+    """Folder, URL or pipe: command of the set, as ``data.shards``."""
+    weight: float = 1.0
+    """Share of each epoch's samples, relative to the other sources' weights (drawn with replacement where
+    a source holds fewer samples than its share)."""
+    name: str = ""
+    """Name in logs, W&B and ``eval.source`` (default: the set's folder name)."""
+
+    def __post_init__(self) -> None:
+        _require(bool(self.shards), "data.sources[].shards", "a shard folder, URL or pipe: command")
+        _require(self.weight > 0, "data.sources[].weight", "a positive number")
+        if not self.name:
+            self.name = self.shards.rstrip("/").rsplit("/", 1)[-1] or self.shards
+
+
+@dataclass
 class DataConfig:
     """Where the shards are and how training samples are drawn from them."""
 
     shards: str = "shards/demo"
     """Folder holding manifest.json and the tar shards (built by irra-build-shards), or the http(s):// URL of
     such a folder, or a pipe: command writing file {name} to stdout (pipe:aws s3 cp s3://b/set/{name} -)."""
+    sources: list[SourceConfig] = field(default_factory=list)
+    """A mixture of shard sets, [{shards: PATH_OR_URL, weight: W}, ...]; when given it replaces `shards`.
+    Identities stay apart (the classifier spans every source's train ids); indexed mode only."""
     mode: Literal["indexed", "stream"] = "indexed"
     """"indexed": random access through wids, exact epochs independent of the process count; "stream":
     sequential reads of resampled shards through a shuffle buffer (corpora too big to cache; TRAINING.md)."""
@@ -114,6 +136,10 @@ class DataConfig:
         _require(self.num_instances >= 1, "data.num_instances", "an integer >= 1")
         _require(self.cache_max_gb >= 0, "data.cache_max_gb", "a number >= 0 (0: no cap)")
         _require(self.shuffle_buffer >= 1, "data.shuffle_buffer", "an integer >= 1")
+        names = [source.name for source in self.sources]
+        _require(len(set(names)) == len(names), "data.sources", "sources with distinct names")
+        _require(not self.sources or self.mode == "indexed", "data.mode",
+                 '"indexed" when data.sources lists a mixture')
         _require(self.mode == "indexed" or self.sampler == "random", "data.sampler",
                  '"random" when data.mode is "stream" (identity sampling needs data.mode=indexed)')
 
@@ -235,6 +261,9 @@ class EvalConfig:
     final_test: bool = True
     """When selecting on val: after the last epoch, evaluate the test split once on `best` and once on the
     last weights (the only time such a run touches test)."""
+    source: str = ""
+    """With a ``data.sources`` mixture: the name of the source whose val/test splits are evaluated (default:
+    the first source)."""
     batch_size: int = 512
     chunk_size: int = 1024
     """Queries scored at a time: bounds metric memory to chunk_size x gallery size."""
@@ -290,6 +319,11 @@ class Config:
                               f"cosine schedule with train.num_epochs={self.train.num_epochs}: set "
                               f"optim.warmup_epochs={max(self.train.num_epochs - 1, 0)} or lower, or raise "
                               "train.num_epochs")
+
+        names = [source.name for source in self.data.sources]
+        if self.eval.source and self.eval.source not in names:
+            raise ConfigError(f"eval.source={self.eval.source!r} names no source of data.sources "
+                              f"({names or 'none: data.shards is a single set'}): use one of those names")
 
     def to_dict(self) -> dict[str, Any]:
         return _to_plain(dataclasses.asdict(self))
@@ -355,6 +389,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         raise bad
     if tp is Any:
         return value
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, key)
     if tp is bool:
         if not isinstance(value, bool):
             raise bad

@@ -52,7 +52,7 @@ from irra_dist.data.shards import (
     load_manifest,
 )
 from irra_dist.data.transforms import DECODE_ERRORS, decode_image, test_transform
-from irra_dist.fileio import atomic_write, atomic_write_bytes
+from irra_dist.fileio import atomic_write, atomic_write_bytes, file_sha256
 from irra_dist.model import IRRA, CheckpointError, build_irra_from_config, load_irra_weights
 from irra_dist.model.clip import load_into
 from irra_dist.retrieval.results import (  # noqa: F401 (format_results, slugify: part of this module's API)
@@ -232,11 +232,7 @@ def file_digest(path: Path, memo_dir: Path | None = None) -> str:
             text = memo.read_text().strip()
             if re.fullmatch(r"[0-9a-f]{64}", text):
                 return text
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        while block := f.read(1 << 22):
-            digest.update(block)
-    hexdigest = digest.hexdigest()
+    hexdigest = file_sha256(path)
     if memo is not None:
         atomic_write_bytes(memo, hexdigest.encode() + b"\n")
     return hexdigest

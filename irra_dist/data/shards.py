@@ -62,6 +62,7 @@ from irra_dist.data.parsers import (
     parse_dataset,
 )
 from irra_dist.data.sources import ShardError, ShardStore, SourceError
+from irra_dist.fileio import AtomicFile, atomic_write_bytes, file_sha256
 
 logger = logging.getLogger(__name__)
 
@@ -104,40 +105,33 @@ class RecordError(OSError):
 
 
 class _HashingWriter:
-    """Write to a temporary file while hashing and counting, then rename into place."""
+    """An :class:`~irra_dist.fileio.AtomicFile` that hashes and counts what it is given (a shard's tar)."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self.tmp = path.with_name(f".{path.name}.tmp")
-        self._file = open(self.tmp, "wb")  # noqa: SIM115 -- closed in commit()/abort()
+        self._out = AtomicFile(path)
         self._sha = hashlib.sha256()
         self.size = 0
 
     def write(self, data: bytes) -> None:
-        if self._file.closed:
+        if self._out.file.closed:
             return  # an aborted shard: its tar stream may still flush when garbage-collected
-        self._file.write(data)
+        self._out.file.write(data)
         self._sha.update(data)
         self.size += len(data)
 
     def commit(self) -> dict[str, Any]:
-        self._file.close()
-        os.replace(self.tmp, self.path)
+        self._out.commit()
         return {"file": self.path.name, "bytes": self.size, "sha256": self._sha.hexdigest()}
 
     def abort(self) -> None:
-        self._file.close()
-        self.tmp.unlink(missing_ok=True)
+        self._out.abort()
 
 
 def _atomic_write_bytes(path: Path, data: bytes) -> dict[str, Any]:
-    writer = _HashingWriter(path)
-    try:
-        writer.write(data)
-        return writer.commit()
-    except BaseException:
-        writer.abort()
-        raise
+    """Write `data` atomically; return its manifest entry (file name, size, SHA-256)."""
+    atomic_write_bytes(path, data)
+    return {"file": path.name, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
 
 
 def _json_bytes(obj: Any, indent: int | None = None) -> bytes:
@@ -457,7 +451,7 @@ def index_shards(shards_dir: str | os.PathLike, *, dataset: str | None = None) -
                 num_records = len(samples)
             finally:
                 samples.close()
-            shards.append({"file": path.name, "bytes": path.stat().st_size, "sha256": _sha256_file(path),
+            shards.append({"file": path.name, "bytes": path.stat().st_size, "sha256": file_sha256(path),
                            "num_records": num_records})
         splits[split] = _split_entry(out, split, shards, columns, num_ids=len(pids),
                                      num_captions=num_captions)
@@ -491,14 +485,6 @@ def _normalize_verify(verify: VerifyMode) -> str:
     if mode not in ("none", "size", "full"):
         raise ValueError(f"verify must be True, False, 'none', 'size' or 'full', got {verify!r}")
     return mode
-
-
-def _sha256_file(path: Path) -> str:
-    sha = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            sha.update(chunk)
-    return sha.hexdigest()
 
 
 def _listed_files(manifest: dict[str, Any]) -> Iterable[dict[str, Any]]:
@@ -593,7 +579,7 @@ def load_manifest(shards_dir: str | os.PathLike, verify: VerifyMode = True, *,
             cached = False
         if not cached:
             for entry, (file, _) in zip(_listed_files(manifest), checked):
-                if _sha256_file(file) != entry["sha256"]:
+                if file_sha256(file) != entry["sha256"]:
                     raise ShardError(f"{file} does not match the SHA-256 in {MANIFEST_NAME} (corrupted or "
                                      f"replaced): {hint}")
             try:

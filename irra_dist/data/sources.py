@@ -35,6 +35,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
 
+from irra_dist.fileio import atomic_write
+
 REMOTE_PREFIXES = ("http://", "https://", "pipe:")
 FETCH_TIMEOUT_S = 60.0
 """Seconds a connection or a read may stall before the fetch fails."""
@@ -210,12 +212,12 @@ class ShardStore:
                          "there is complete, or rebuild and re-upload it")
 
     def _fetch_verified(self, name: str, size: int, sha256: str, path: Path) -> None:
-        """Stream `name` to a temporary file in the cache while hashing; rename into place if it matches."""
-        fd, tmp = tempfile.mkstemp(dir=self.cache_dir, prefix=f".{name}.", suffix=".tmp")
-        try:
+        """Stream `name` to a temporary file beside `path` while hashing; it becomes `path` if it matches."""
+
+        def download(tmp: str) -> None:
             digest = hashlib.sha256()
             received = 0
-            with os.fdopen(fd, "wb") as out, self.open(name) as src:
+            with open(tmp, "wb") as out, self.open(name) as src:
                 try:
                     while chunk := src.read(_CHUNK):
                         out.write(chunk)
@@ -232,11 +234,8 @@ class ShardStore:
             if digest.hexdigest() != sha256:
                 raise SourceError(f"{self.url(name)} does not match the SHA-256 in the manifest "
                                   "(corrupted or replaced)")
-            os.chmod(tmp, 0o644)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+
+        atomic_write(path, download)
 
     def _make_room(self, size: int) -> None:
         """Delete the least recently used cached shards until `size` more bytes fit under the cap."""

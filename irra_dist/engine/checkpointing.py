@@ -26,7 +26,6 @@ only resume DeepSpeed runs from checkpoints you wrote yourself.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
 import os
@@ -48,6 +47,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from irra_dist.engine.accel import unwrap, zero_stage
+from irra_dist.fileio import file_sha256
 from irra_dist.model import CheckpointError, save_weights_safetensors
 
 logger = logging.getLogger(__name__)
@@ -157,17 +157,12 @@ def full_parameters(accelerator: Accelerator, module: nn.Module) -> AbstractCont
     return nullcontext()
 
 
-def _sha256(path: Path) -> str:
-    with path.open("rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
-
-
 def _file_listing(accelerator: Accelerator, folder: Path) -> dict[str, dict[str, Any]]:
     """Every file's size and SHA-256, hashed right after the save (the bytes are still in the page cache),
     the files shared out among the ranks; the complete listing on the main process."""
     names = [str(p.relative_to(folder)) for p in sorted(folder.rglob("*")) if p.is_file()]
     mine = names[accelerator.process_index::accelerator.num_processes]
-    listing = {name: {"size": (folder / name).stat().st_size, "sha256": _sha256(folder / name)}
+    listing = {name: {"size": (folder / name).stat().st_size, "sha256": file_sha256(folder / name)}
                for name in mine}
     if accelerator.num_processes > 1:
         from accelerate.utils import gather_object
@@ -329,7 +324,7 @@ def verify_checkpoint(checkpoint: Path) -> TrainerState:
         if file.stat().st_size != size:
             raise CheckpointError(f"checkpoint file {file} has {file.stat().st_size} bytes, {size} were "
                                   "written (truncated or damaged): resume from another checkpoint")
-        if digest is not None and _sha256(file) != digest:
+        if digest is not None and file_sha256(file) != digest:
             raise CheckpointError(f"checkpoint file {file} is damaged (its SHA-256 differs from the one "
                                   "recorded when it was saved): resume from another checkpoint")
     return TrainerState.from_json((checkpoint / STATE_FILE).read_text(), checkpoint / STATE_FILE)

@@ -13,7 +13,6 @@ computed in the official code's PyTorch (the naive baseline for benchmarks and a
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -32,6 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
+
+from irra_dist.fileio import file_sha256
 
 logger = logging.getLogger(__name__)
 
@@ -561,15 +562,6 @@ def resolve_openai_path(name_or_path: str | Path) -> tuple[Path, str | None]:
     return path, by_file.get(path.name)
 
 
-def sha256_of(path: Path, chunk_bytes: int = 1 << 22) -> str:
-    """Hex SHA-256 of a file, read in chunks."""
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        while block := f.read(chunk_bytes):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def load_openai_clip(path: str | Path, image_size: tuple[int, int] = (384, 128), stride_size: int = 16,
                      verify_checksum: bool = False, *, attn_impl: AttnImpl = "sdpa") -> CLIP:
     """Build CLIP from an OpenAI checkpoint, rebuilt for IRRA's input size (IRRA_SPEC 1.1).
@@ -599,7 +591,7 @@ def load_openai_clip(path: str | Path, image_size: tuple[int, int] = (384, 128),
             raise CheckpointError(f"no published SHA-256 for {resolved.name} (OpenAI file names: "
                                   f"{sorted(e['file'] for e in openai_checksums().values())}); "
                                   "set verify_checksum=False to skip the check")
-        actual = sha256_of(resolved)
+        actual = file_sha256(resolved)
         if actual != expected_sha:
             raise CheckpointError(f"SHA-256 of {resolved} is {actual}, expected {expected_sha}: the file is "
                                   "corrupt or not OpenAI's release; download it again")

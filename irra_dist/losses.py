@@ -19,9 +19,10 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-Reduction = Literal["mean", "sum"]
+# Defined beside the recipe schema, which validates loss.names, because irra_dist.config loads without torch.
+from irra_dist.config import LOSS_NAMES
 
-LOSS_NAMES = ("sdm", "itc", "cmpm", "id", "mlm")
+Reduction = Literal["mean", "sum"]
 
 
 class LossInputError(ValueError):

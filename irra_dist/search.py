@@ -53,6 +53,7 @@ from irra_dist.data.shards import (
 )
 from irra_dist.data.transforms import DECODE_ERRORS, decode_image, test_transform
 from irra_dist.fileio import atomic_write, atomic_write_bytes, file_sha256
+from irra_dist.image_size import image_size_arg
 from irra_dist.model import IRRA, CheckpointError, build_irra_from_config, load_irra_weights
 from irra_dist.model.clip import load_into
 from irra_dist.retrieval.results import (  # noqa: F401 (format_results, slugify: part of this module's API)
@@ -678,13 +679,6 @@ def warn_long_queries(texts: Sequence[str], context_length: int) -> list[int]:
 # Command line
 
 
-def _parse_size(text: str) -> tuple[int, int]:
-    match = re.fullmatch(r"\s*(\d+)\s*[xX,]\s*(\d+)\s*", text)
-    if not match or min(int(match.group(1)), int(match.group(2))) < 1:
-        raise argparse.ArgumentTypeError(f"cannot read {text!r}: write it as HxW, e.g. 384x128")
-    return int(match.group(1)), int(match.group(2))
-
-
 def _arg_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="irra-search",
@@ -711,10 +705,10 @@ def _arg_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", help="PNG path (default: <run or checkpoint folder>/search_<slug>.png)")
     parser.add_argument("--cache-dir",
                         help="gallery feature cache (default: <run or checkpoint folder>/cache)")
-    parser.add_argument("--image-size", type=_parse_size, default=None, metavar="HxW",
+    parser.add_argument("--image-size", type=image_size_arg, default=None, metavar="HxW",
                         help="input size override (default: from the run config or the weights file)")
     parser.add_argument("--stride-size", type=int, default=None, help="patch stride override")
-    parser.add_argument("--thumb-size", type=_parse_size, default=(128, 48), metavar="HxW",
+    parser.add_argument("--thumb-size", type=image_size_arg, default=(128, 48), metavar="HxW",
                         help="thumbnail size in the PNG (default 128x48)")
     parser.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
     parser.add_argument("--num-workers", type=int, default=min(4, os.cpu_count() or 1),

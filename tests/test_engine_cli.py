@@ -219,7 +219,7 @@ def test_evaluate_official_best_pth_equals_scoring_the_model_directly(tiny_shard
     expected = retrieval_metrics(torch.cat([f for f, _ in q]), torch.cat([f for f, _ in g]),
                                  torch.cat([p for _, p in q]), torch.cat([p for _, p in g]))
     out = tmp_path / "metrics.json"
-    args = [str(pth), "--shards", str(tiny_shards), "--image-size", "64", "32", "--stride", "16",
+    args = [str(pth), "--shards", str(tiny_shards), "--image-size", "64x32", "--stride", "16",
             "--num-workers", "0", "--batch-size", "6", "--out", str(out)]
     assert evaluate_main(args) == 0
     assert "| t2i  |" in capsys.readouterr().out

@@ -63,6 +63,7 @@ from irra_dist.data.parsers import (
 )
 from irra_dist.data.sources import ShardError, ShardStore, SourceError
 from irra_dist.fileio import AtomicFile, atomic_write_bytes, file_sha256
+from irra_dist.image_size import image_size_arg, parse_image_size
 
 logger = logging.getLogger(__name__)
 
@@ -140,16 +141,10 @@ def _json_bytes(obj: Any, indent: int | None = None) -> bytes:
 
 
 def _parse_size(pre_resize: tuple[int, int] | str | None) -> tuple[int, int] | None:
-    if pre_resize is None or isinstance(pre_resize, tuple | list):
-        size = pre_resize
-    else:
-        match = re.fullmatch(r"\s*(\d+)\s*[xX]\s*(\d+)\s*", str(pre_resize))
-        size = (int(match.group(1)), int(match.group(2))) if match else None
-        if size is None:
-            raise ShardError(f"cannot read pre_resize {pre_resize!r}: write it as HxW, e.g. 384x128")
-    if size is not None and (len(size) != 2 or min(size) <= 0):
-        raise ShardError(f"pre_resize must be two positive integers (height, width), got {size!r}")
-    return None if size is None else (int(size[0]), int(size[1]))
+    try:
+        return None if pre_resize is None else parse_image_size(pre_resize, "pre_resize")
+    except ValueError as err:
+        raise ShardError(str(err)) from None
 
 
 def _encode_image(path: str, size: tuple[int, int] | None, fmt: str) -> tuple[bytes, str]:
@@ -803,7 +798,7 @@ def _arg_parser() -> argparse.ArgumentParser:
     parser.add_argument("--shard-size", type=int, default=DEFAULT_SHARD_SIZE, help="images per shard")
     parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
                         help="threads reading images (processes when pre-resizing)")
-    parser.add_argument("--pre-resize", default=None, metavar="HxW",
+    parser.add_argument("--pre-resize", type=image_size_arg, default=None, metavar="HxW",
                         help="store images resized to HxW (bilinear, lossless), e.g. 384x128")
     parser.add_argument("--pre-resize-format", choices=PRE_RESIZE_FORMATS, default="png",
                         help="format of pre-resized images: png (compact) or ppm (raw RGB, fastest to load)")

@@ -14,7 +14,9 @@ import traceback
 from collections.abc import Sequence
 from pathlib import Path
 
-from irra_dist.config import Config, ConfigError, atomic_write_text, load_config, resolve_recipe
+from irra_dist.config import Config, ConfigError, load_config, resolve_recipe
+from irra_dist.fileio import atomic_write_text
+from irra_dist.image_size import image_size_arg
 
 DEFAULT_RECIPE = "demo"
 """configs/demo.yaml in the repository, so `accelerate launch launch/train.py` runs the demo."""
@@ -226,8 +228,8 @@ def eval_parser() -> argparse.ArgumentParser:
     parser.add_argument("--num-workers", type=int, default=2, help="loader workers per process")
     parser.add_argument("--chunk-size", type=int, default=1024, help="queries scored at a time")
     parser.add_argument("--i2t", action="store_true", help="also report image-to-text retrieval")
-    parser.add_argument("--image-size", type=int, nargs=2, default=None, metavar=("H", "W"),
-                        help="input size for a file without metadata (official best.pth: 384 128)")
+    parser.add_argument("--image-size", type=image_size_arg, default=None, metavar="HxW",
+                        help="input size for a file without metadata (official best.pth: 384x128)")
     parser.add_argument("--stride", type=int, default=None, help="patch stride for such a file (16)")
     parser.add_argument("--precision", default="auto", choices=("auto", "no", "fp16", "bf16"),
                         help="autocast while embedding (auto: the run's eval.precision; fp16 for an "
@@ -244,7 +246,7 @@ def _export_official(args: argparse.Namespace) -> int:
 
     try:
         source, note = export_target(args.target, args.export_official, weights=args.weights,
-                               image_size=tuple(args.image_size) if args.image_size else None,
+                               image_size=args.image_size,
                                stride_size=args.stride)
     except _user_errors() as err:
         _report(str(err))
@@ -266,7 +268,7 @@ def evaluate_main(argv: Sequence[str] | None = None) -> int:
         results = evaluate_on_sets(
             args.target, args.shards, split=args.split, weights=args.weights,
             batch_size=args.batch_size, num_workers=args.num_workers, chunk_size=args.chunk_size,
-            i2t=args.i2t, image_size=tuple(args.image_size) if args.image_size else None,
+            i2t=args.i2t, image_size=args.image_size,
             stride_size=args.stride, precision=args.precision)
     except _user_errors() as err:
         _report(str(err))

@@ -15,7 +15,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from irra_dist.config import atomic_write_text
+from irra_dist.fileio import atomic_write_text
 
 # The run folder's files (docs/TRAINING.md).
 CONFIG_FILE = "config.yaml"

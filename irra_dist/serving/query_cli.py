@@ -21,6 +21,7 @@ from typing import Protocol
 
 import numpy as np
 
+from irra_dist.image_size import image_size_arg
 from irra_dist.retrieval.index import GalleryIndex, GalleryIndexError
 from irra_dist.retrieval.onnx_runtime import OnnxRuntimeError, OnnxTextEncoder
 from irra_dist.retrieval.results import QueryResult, default_out_path, format_results, render_results
@@ -134,13 +135,6 @@ def query_index(index: GalleryIndex, encoder: TextEncoder, texts: Sequence[str],
 # Command line
 
 
-def _parse_size(text: str) -> tuple[int, int]:
-    parts = text.lower().replace(",", "x").split("x")
-    if len(parts) != 2 or not all(p.strip().isdigit() and int(p) > 0 for p in parts):
-        raise argparse.ArgumentTypeError(f"cannot read {text!r}: write it as HxW, e.g. 128x48")
-    return int(parts[0]), int(parts[1])
-
-
 def _arg_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="irra-search --index",
@@ -153,7 +147,7 @@ def _arg_parser() -> argparse.ArgumentParser:
                         help="person id of each --query, in order, to mark hits correct/wrong")
     parser.add_argument("--top-k", type=int, default=10, help="hits per query (default 10)")
     parser.add_argument("--out", help="PNG path (default: <index>/search_<slug>.png)")
-    parser.add_argument("--thumb-size", type=_parse_size, default=(128, 48), metavar="HxW",
+    parser.add_argument("--thumb-size", type=image_size_arg, default=(128, 48), metavar="HxW",
                         help="thumbnail size in the PNG (default 128x48)")
     parser.add_argument("--runtime", default="torch", choices=("torch", "onnx"),
                         help="text tower in PyTorch, or in onnxruntime from an irra-export folder (no torch)")

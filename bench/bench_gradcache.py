@@ -63,13 +63,13 @@ def _shape(name: str, layers: int = 4, width: int = 256) -> dict[str, Any]:
 def _batch(sizes: dict[str, Any], batch_size: int, device):
     """A random batch of the model's keys (bench/gpu_step.py's maker); two captions per identity."""
     import torch
+    from common import variant_batch
     from gpu_step import BenchSetup, make_batch
 
     clip = {k: v for k, v in sizes.items() if k != "cmt_depth"}
     setup = BenchSetup(clip, sizes["cmt_depth"], NUM_CLASSES, batch_size, 1, 0, 1, 1)
-    batch = make_batch(setup, device, torch.Generator().manual_seed(0))
-    batch["caption_ids"] = batch["mlm_ids"]  # the official aliasing, as the trainer's batches
-    return batch
+    # the official aliasing, as the trainer's batches: the masked captions as caption_ids
+    return variant_batch(make_batch(setup, device, torch.Generator().manual_seed(0)), "irra_dist")
 
 
 class _Stepper:

@@ -32,11 +32,15 @@ if str(REPO_ROOT) not in sys.path:
 from irra_dist.fileio import atomic_write_text  # noqa: E402
 
 VARIANTS: dict[str, dict[str, Any]] = {
-    "irra_dist": {"attn_impl": "sdpa", "mlm_logits_at_masked_only": True, "mask_global_text": True},
-    "naive": {"attn_impl": "math", "mlm_logits_at_masked_only": False, "mask_global_text": False},
+    "irra_dist": {"attn_impl": "sdpa", "mlm_logits_at_masked_only": True},
+    "naive": {"attn_impl": "math", "mlm_logits_at_masked_only": False},
 }
 """The two IRRA models the step benchmarks compare (``build_irra`` options): irra_dist's and the official
-computation (explicit-softmax attention, MLM logits at every position, a second text-tower pass)."""
+computation (explicit-softmax attention, MLM logits at every position, a second text-tower pass: see
+:func:`variant_batch`)."""
+MASKED_CAPTIONS_ONCE = {"irra_dist": True, "naive": False}
+"""Whether a variant's batches carry the masked captions once, as ``caption_ids`` (irra_dist's loaders with
+data.mask_global_text: one text-tower pass), or also as ``mlm_ids`` (the text tower runs twice)."""
 BASELINE = "naive"
 WORKER_FLAG = "--_worker"
 """First argument of the command line that runs one measurement of a module in a fresh interpreter."""
@@ -47,6 +51,16 @@ _DEFAULT_LABELS = {"name": "metric"}
 Row = dict[str, Any]
 Option = tuple[str, dict[str, Any]]
 """An extra command-line option: its flag and the keyword arguments of ``ArgumentParser.add_argument``."""
+
+
+def variant_batch(batch: Mapping[str, Any], variant: str) -> dict[str, Any]:
+    """`batch` (``caption_ids`` and masked ``mlm_ids``) as `variant` gets it: irra_dist's the masked captions
+    once, as ``caption_ids``; the naive one unchanged."""
+    if not MASKED_CAPTIONS_ONCE[variant]:
+        return dict(batch)
+    out = {k: v for k, v in batch.items() if k != "mlm_ids"}
+    out["caption_ids"] = batch["mlm_ids"]
+    return out
 
 
 def format_value(value: Any) -> str:

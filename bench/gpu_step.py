@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from common import BASELINE, VARIANTS, format_table, write_json
+from common import BASELINE, MASKED_CAPTIONS_ONCE, VARIANTS, format_table, variant_batch, write_json
 from flops import IrraShape, forward_macs, peak_bf16_tflops, training_flops
 
 from irra_dist.losses import irra_losses
@@ -130,8 +130,8 @@ def make_batch(
 ) -> dict[str, torch.Tensor]:
     """A random training batch with the model's keys: two captions per identity, masked as in training.
 
-    `caption_ids` holds the clean captions and `mlm_ids` the masked ones; the ``irra_dist`` variant reads its
-    global text feature from `mlm_ids` (official aliasing), the naive one encodes both.
+    `caption_ids` holds the clean captions and `mlm_ids` the masked ones; ``common.variant_batch`` gives the
+    ``irra_dist`` variant the masked ones as `caption_ids` (official aliasing), the naive one encodes both.
     """
     b, length = setup.batch_size, setup.clip_sizes["context_length"]
     height, width = setup.clip_sizes["image_size"]
@@ -221,11 +221,11 @@ def bench_variant(
     torch.manual_seed(seed)
     model = build_irra(setup.num_classes, cmt_depth=setup.cmt_depth, **options, **setup.clip_sizes).to(device)
     generator = torch.Generator().manual_seed(seed)
-    batch = make_batch(setup, device, generator)
+    batch = variant_batch(make_batch(setup, device, generator), variant)
     # Positions the MLM head runs at, for the FLOP count (read once here, outside the timed loop).
     masked = int((batch["mlm_labels"] != 0).sum())
     head_positions = masked if options["mlm_logits_at_masked_only"] else batch["mlm_labels"].numel()
-    text_passes = 1 if options["mask_global_text"] else 2
+    text_passes = 1 if MASKED_CAPTIONS_ONCE[variant] else 2
     if compile_model:
         # In place: model(...) now runs the compiled forward; encode_* stay eager.
         model.compile()

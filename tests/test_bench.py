@@ -109,15 +109,17 @@ def test_count_equals_pytorch_flop_counter_on_the_real_model(masked_only):
 
     torch.manual_seed(0)
     model = build_irra(5, cmt_depth=1, attn_impl="math", mlm_logits_at_masked_only=masked_only,
-                       mask_global_text=masked_only, embed_dim=16, image_size=(16, 8), patch_size=4,
+                       embed_dim=16, image_size=(16, 8), patch_size=4,
                        stride_size=4, vision_width=16, vision_layers=1, vision_heads=2, text_width=16,
                        text_heads=2, text_layers=1)
     ids = torch.zeros(2, 77, dtype=torch.long)
     ids[:, 0], ids[:, 1:6], ids[:, 6] = 49406, torch.randint(1, 49405, (2, 5)), 49407
     labels = torch.zeros_like(ids)
     labels[0, 2], labels[1, 3], labels[1, 4] = ids[0, 2], ids[1, 3], ids[1, 4]
-    batch = {"images": torch.randn(2, 3, 16, 8), "caption_ids": ids, "mlm_ids": ids, "mlm_labels": labels,
+    batch = {"images": torch.randn(2, 3, 16, 8), "caption_ids": ids, "mlm_labels": labels,
              "pids": torch.tensor([0, 1])}
+    if not masked_only:
+        batch["mlm_ids"] = ids  # clean and masked captions apart: a second text-tower pass
     shape = flops.IrraShape(image_size=(16, 8), patch_size=4, stride_size=4, vision_width=16, vision_layers=1,
                             embed_dim=16, text_width=16, text_layers=1, cmt_depth=1, num_classes=5)
     macs = flops.forward_macs(shape, 2, mlm_positions=3 if masked_only else 2 * 77,

@@ -1,4 +1,4 @@
-"""The one image-size form (irra_dist.image_size): HxW on every command line, (height, width) everywhere else."""
+"""The one image-size form (irra_dist.image_size): HxW on command lines, (height, width) everywhere else."""
 
 from __future__ import annotations
 

@@ -39,6 +39,13 @@ def make_batch(batch_size: int = 4, seed: int = 1) -> dict[str, torch.Tensor]:
             "mlm_ids": mlm_ids, "mlm_labels": labels, "pids": torch.tensor([0, 1, 0, 2, 3, 1][:batch_size])}
 
 
+def masked_caption_batch(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`batch` as the loaders give it with data.mask_global_text: the masked captions once, as caption_ids."""
+    out = {k: v for k, v in batch.items() if k != "mlm_ids"}
+    out["caption_ids"] = batch["mlm_ids"]
+    return out
+
+
 def test_forward_outputs_and_shapes():
     model = tiny_irra()
     batch = make_batch()
@@ -55,7 +62,7 @@ def test_forward_outputs_and_shapes():
     # global features are the pooled CLS / EOT features, identical to the inference encoders
     with torch.no_grad():
         torch.testing.assert_close(out["image_feats"], model.encode_image(batch["images"]))
-        torch.testing.assert_close(out["text_feats"], model.encode_text(batch["mlm_ids"]))
+        torch.testing.assert_close(out["text_feats"], model.encode_text(batch["caption_ids"]))
     torch.testing.assert_close(out["image_logits"], F.linear(out["image_feats"], model.classifier.weight,
                                                              model.classifier.bias))
 
@@ -150,28 +157,32 @@ class CountingCalls:
         return self.fn(ids, *args, **kwargs)
 
 
-def test_mask_global_text_runs_the_text_tower_once(monkeypatch: pytest.MonkeyPatch):
+def test_masked_caption_batch_runs_the_text_tower_once(monkeypatch: pytest.MonkeyPatch):
     model = tiny_irra()
-    batch = make_batch()
+    batch = masked_caption_batch(make_batch())
     counter = CountingCalls(model.base_model.encode_text)
     monkeypatch.setattr(model.base_model, "encode_text", counter)
     out = model(batch)
     assert counter.rows == [4]
+    out_two_keys = model(make_batch())
+    assert counter.rows == [4, 8]  # clean and masked captions: one pass over both stacked
     monkeypatch.undo()
     with torch.no_grad():
-        torch.testing.assert_close(out["text_feats"], model.encode_text(batch["mlm_ids"]))
+        torch.testing.assert_close(out["text_feats"], model.encode_text(make_batch()["mlm_ids"]))
+    torch.testing.assert_close(out["mlm_logits"], out_two_keys["mlm_logits"], rtol=1e-5, atol=1e-5)
 
 
-def test_clean_caption_mode_uses_caption_ids_for_global_feature():
-    masked_model = tiny_irra()
-    clean_model = tiny_irra(mask_global_text=False)
+def test_global_feature_pools_the_caption_ids_it_is_given():
+    model = tiny_irra()
     batch = make_batch()
-    out_clean, out_masked = clean_model(batch), masked_model(batch)
+    out_clean, out_masked = model(batch), model(masked_caption_batch(batch))
     with torch.no_grad():
-        torch.testing.assert_close(out_clean["text_feats"], clean_model.encode_text(batch["caption_ids"]),
+        torch.testing.assert_close(out_clean["text_feats"], model.encode_text(batch["caption_ids"]),
+                                   rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(out_masked["text_feats"], model.encode_text(batch["mlm_ids"]),
                                    rtol=1e-5, atol=1e-5)
     assert not torch.allclose(out_clean["text_feats"], out_masked["text_feats"], atol=1e-4)
-    # the IRR branch sees the masked caption in both modes
+    # the IRR branch sees the masked caption in both forms
     torch.testing.assert_close(out_clean["mlm_logits"], out_masked["mlm_logits"], rtol=1e-5, atol=1e-5)
 
 
@@ -252,11 +263,12 @@ def test_build_from_config_random_and_pretrained(tmp_path: Path):
     torch.testing.assert_close(model.base_model.token_embedding.weight, clip.token_embedding.weight)
 
 
-@pytest.mark.parametrize("mask_global_text", [True, False])
-def test_empty_batch_gives_empty_outputs(mask_global_text: bool):
+@pytest.mark.parametrize("masked_captions_once", [True, False])
+def test_empty_batch_gives_empty_outputs(masked_captions_once: bool):
     # A rank holds zero rows when the last global batch is smaller than the world size.
-    model = tiny_irra(mask_global_text=mask_global_text)
-    batch = {k: v[:0] for k, v in make_batch().items()}
+    model = tiny_irra()
+    full = masked_caption_batch(make_batch()) if masked_captions_once else make_batch()
+    batch = {k: v[:0] for k, v in full.items()}
     out = model(batch)
     for key in ("image_feats", "text_feats", "image_logits", "text_logits", "mlm_logits", "mlm_labels"):
         assert out[key].shape[0] == 0, key

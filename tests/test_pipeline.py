@@ -21,7 +21,8 @@ from irra_dist.data.synthetic import generate_synthetic_dataset
 from irra_dist.tokenizer import MASK_ID, tokenize
 
 SIZE = (64, 32)
-KEYS = ("images", "caption_ids", "pids", "image_ids", "sample_index", "mlm_ids", "mlm_labels")
+# The default batch (mlm with mask_global_text): caption_ids ARE the masked captions, there is no mlm_ids.
+KEYS = ("images", "caption_ids", "pids", "image_ids", "sample_index", "mlm_labels")
 
 
 @pytest.fixture(autouse=True)
@@ -176,8 +177,9 @@ def test_masking_and_the_official_caption_aliasing(parsed, shard_dir: Path) -> N
     samples = _train_samples(parsed)
     aliased = _cat(_epoch(_loader(shard_dir, global_batch_size=8, mask_global_text=True)))
     clean = _cat(_epoch(_loader(shard_dir, global_batch_size=8, mask_global_text=False)))
-    assert torch.equal(aliased["caption_ids"], aliased["mlm_ids"])
-    for key in ("mlm_ids", "mlm_labels", "images", "sample_index"):
+    assert set(aliased) == set(KEYS) and set(clean) == set(KEYS) | {"mlm_ids"}
+    assert torch.equal(aliased["caption_ids"], clean["mlm_ids"])  # the masked captions, carried once
+    for key in ("mlm_labels", "images", "sample_index"):
         assert torch.equal(aliased[key], clean[key])
     reference = tokenize([samples[i][3] for i in clean["sample_index"].tolist()])
     assert torch.equal(clean["caption_ids"], reference)
@@ -187,6 +189,42 @@ def test_masking_and_the_official_caption_aliasing(parsed, shard_dir: Path) -> N
     assert torch.equal(labels[selected], reference[selected])
     assert torch.equal(masked[~selected], reference[~selected])
     assert (masked[selected] == MASK_ID).float().mean() > 0.5
+
+
+def test_masked_global_text_loss_equals_a_reference_pooled_from_the_masked_captions(shard_dir: Path) -> None:
+    """The data owns the official aliasing: the losses of a mask_global_text batch through the model equal
+    SDM, ID and MLM computed by hand with the global text feature pooled from the masked captions."""
+    from irra_dist.losses import id_loss, irra_losses, mlm_loss, sdm_loss
+    from irra_dist.model import build_irra
+
+    loader = _loader(shard_dir, global_batch_size=8, mask_global_text=True)
+    aliased = _epoch(loader)[0]
+    clean = _epoch(_loader(shard_dir, global_batch_size=8, mask_global_text=False))[0]
+    torch.manual_seed(0)
+    model = build_irra(loader.num_train_ids, cmt_depth=1, embed_dim=32, image_size=SIZE, patch_size=16,
+                       stride_size=16, vision_width=32, vision_layers=1, vision_heads=2, text_width=32,
+                       text_heads=2, text_layers=1)  # the real 77 tokens and 49,408-word vocabulary
+    names = ("sdm", "id", "mlm")
+    with torch.no_grad():
+        got = irra_losses(model(aliased), aliased, names)
+        # Reference from the model's parts, the masked captions taken from the clean-mode batch.
+        masked, pids = clean["mlm_ids"], clean["pids"]
+        image_tokens = model.base_model.encode_image(clean["images"])
+        text_tokens = model.base_model.encode_text(masked)
+        image_feats = image_tokens[:, 0].float()
+        text_feats = text_tokens[torch.arange(len(masked)), masked.argmax(-1)].float()  # EOT = largest id
+        fused = model.cross_former(text_tokens, image_tokens)
+        expected = {"sdm_loss": sdm_loss(image_feats, text_feats, pids, 50.0),
+                    "id_loss": id_loss(model.classifier(image_feats), model.classifier(text_feats), pids),
+                    "mlm_loss": mlm_loss(model.mlm_head(fused), clean["mlm_labels"])}
+        clean_losses = irra_losses(model(clean), clean, names)
+    assert list(got) == list(expected)
+    for key, value in expected.items():
+        torch.testing.assert_close(got[key], value, rtol=1e-5, atol=1e-6, msg=key)
+    # The test can tell: pooled from the clean captions, SDM and ID differ (MLM reads masked ones in both).
+    for key in ("sdm_loss", "id_loss"):
+        assert not torch.allclose(clean_losses[key], got[key], rtol=1e-4, atol=0), key
+    torch.testing.assert_close(clean_losses["mlm_loss"], got["mlm_loss"], rtol=1e-5, atol=1e-6)
 
 
 def test_start_batch_resumes_mid_epoch(shard_dir: Path) -> None:

@@ -282,8 +282,8 @@ def test_streaming_epoch_is_fixed_reads_every_source_alike_and_resumes(parsed, s
         over_http = list(stream(url, num_workers=2))
     over_pipe = list(stream(f"pipe:cat {shard_dir}/{{name}}", num_workers=2))
     for other in (over_http, over_pipe):
-        for a, b in zip(batches, other, strict=True):
-            assert torch.equal(a["images"], b["images"]) and torch.equal(a["mlm_ids"], b["mlm_ids"])
+        for a, b in zip(batches, other, strict=True):  # caption_ids: the masked captions, masks included
+            assert torch.equal(a["images"], b["images"]) and torch.equal(a["caption_ids"], b["caption_ids"])
     # Every sample is a real caption of its pid (the masks hide some tokens, so compare the clean text).
     clean = stream(shard_dir, mlm=False)
     by_ids = {tuple(tokenize(c).tolist()): (p, c) for p, c in captions}

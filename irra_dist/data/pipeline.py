@@ -225,11 +225,14 @@ class _TrainCollate:
             "sample_index": _stack(good, "sample_index", (n,), torch.int64),
         }
         if self.mlm:
-            batch["mlm_ids"] = _stack(good, "mlm_ids", (n, CONTEXT_LENGTH), torch.int64)
+            masked = _stack(good, "mlm_ids", (n, CONTEXT_LENGTH), torch.int64)
             batch["mlm_labels"] = _stack(good, "mlm_labels", (n, CONTEXT_LENGTH), torch.int64)
             if self.mask_global_text:
-                # The official aliasing: SDM/ID see the masked caption (IRRA_SPEC 3.3).
-                batch["caption_ids"] = batch["mlm_ids"]
+                # The official aliasing: SDM/ID see the masked caption (IRRA_SPEC 3.3). Carried once, so
+                # that the model runs the text tower once for both branches.
+                batch["caption_ids"] = masked
+            else:
+                batch["mlm_ids"] = masked
         batch["num_skipped"] = len(items) - n
         return batch
 
@@ -310,9 +313,11 @@ class TrainLoader:
 
     Batches are dicts: ``images [b,3,H,W]`` float32, ``caption_ids [b,77]``, ``pids [b]``, ``image_ids [b]``,
     ``sample_index [b]`` (global sample index: the caption's position in the training split) and, with
-    ``mlm``, ``mlm_ids`` and ``mlm_labels [b,77]``; all integer tensors are int64. With
-    ``mask_global_text`` the ``caption_ids`` tensor IS ``mlm_ids`` (the official aliasing); otherwise it
-    holds the clean ids. ``b`` is this rank's share of the global batch minus skipped samples (0 is possible).
+    ``mlm``, ``mlm_labels [b,77]``; all integer tensors are int64. Which captions ``caption_ids`` holds is
+    decided here, not in the model: with ``mlm`` and ``mask_global_text`` the masked ones (the official
+    aliasing; the model's MLM branch reads them too); with ``mlm`` only, the clean ones and the masked ones
+    as ``mlm_ids [b,77]``. ``b`` is this rank's share of the global batch minus skipped samples (0 is
+    possible).
 
     Attributes:
         start_batch: skip the first k global batches of the next iteration without loading them (resume);
@@ -346,8 +351,10 @@ class TrainLoader:
             num_instances: K, captions per identity in a global batch (identity sampler).
             drop_last: drop the last partial global batch (random sampler; the identity sampler never
                 makes one).
-            mlm: add ``mlm_ids`` and ``mlm_labels``.
-            mask_global_text: ``caption_ids`` is the masked caption (official), else the clean one.
+            mlm: mask the captions for the MLM loss (``mlm_labels``, and ``mlm_ids`` or masked
+                ``caption_ids``).
+            mask_global_text: with ``mlm``, ``caption_ids`` is the masked caption (official) and there is no
+                ``mlm_ids``; else ``caption_ids`` is the clean caption.
             verify: shard check before loading, see :func:`irra_dist.data.shards.load_manifest`.
             pin_memory: pin batches for faster host-to-GPU copies.
             prefetch_factor: batches prefetched per worker.

@@ -246,8 +246,7 @@ def _load_model(file: Path, cfg: Config | None, image_size: tuple[int, int] | No
     except (SafetensorError, OSError) as err:
         raise CheckpointError(f"cannot read {file} ({err}): the weights file is damaged") from None
     num_classes = state_dict["classifier.weight"].shape[0] if "classifier.weight" in state_dict else 0
-    model = build_irra_from_config(cfg.model, num_classes, with_mlm="mlm_head.fc.weight" in state_dict,
-                                   mask_global_text=cfg.data.mask_global_text)
+    model = build_irra_from_config(cfg.model, num_classes, with_mlm="mlm_head.fc.weight" in state_dict)
     try:
         model.load_state_dict(state_dict, strict=True)
     except RuntimeError as err:

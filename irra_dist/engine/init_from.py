@@ -46,12 +46,11 @@ def build_model_for_training(cfg: Config, num_classes: int) -> IRRA:
     """
     with_mlm = "mlm" in cfg.loss.names
     if not cfg.model.init_from:
-        return build_irra_from_config(cfg.model, num_classes, with_mlm=with_mlm,
-                                      mask_global_text=cfg.data.mask_global_text)
+        return build_irra_from_config(cfg.model, num_classes, with_mlm=with_mlm)
     source, file = _load_source(cfg.model.init_from, cfg)
     mc = cfg.model
     model = IRRA(CLIP(source.base_model.sizes), num_classes, cmt_depth=mc.cmt_depth,
-                 temperature=mc.temperature, with_mlm=with_mlm, mask_global_text=cfg.data.mask_global_text,
+                 temperature=mc.temperature, with_mlm=with_mlm,
                  mlm_logits_at_masked_only=mc.mlm_logits_at_masked_only)
     own = model.state_dict()
     given = source.state_dict()

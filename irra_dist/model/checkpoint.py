@@ -59,8 +59,8 @@ def _irra_state_dict(obj: Any, path: Path) -> dict[str, torch.Tensor]:
 
 def irra_from_state_dict(state_dict: Mapping[str, torch.Tensor], source: str,
                          image_size: tuple[int, int] = (384, 128), stride_size: int = 16, *,
-                         temperature: float = 0.02, mask_global_text: bool = True,
-                         mlm_logits_at_masked_only: bool = True, attn_impl: AttnImpl = "sdpa",
+                         temperature: float = 0.02, mlm_logits_at_masked_only: bool = True,
+                         attn_impl: AttnImpl = "sdpa",
                          heads: tuple[int, int] | None = None) -> IRRA:
     """Build an fp32 :class:`IRRA` shaped by ``state_dict`` (official key names) and load it strictly.
 
@@ -83,7 +83,7 @@ def irra_from_state_dict(state_dict: Mapping[str, torch.Tensor], source: str,
     num_classes = state_dict["classifier.weight"].shape[0] if "classifier.weight" in state_dict else 0
     with torch.device("meta"):
         model = IRRA(CLIP(sizes, attn_impl), num_classes, cmt_depth=cmt_depth,
-                     temperature=temperature, with_mlm=with_mlm, mask_global_text=mask_global_text,
+                     temperature=temperature, with_mlm=with_mlm,
                      mlm_logits_at_masked_only=mlm_logits_at_masked_only)
     rows = state_dict["base_model.visual.positional_embedding"].shape[0]
     grid = (model.base_model.visual.num_y, model.base_model.visual.num_x)
@@ -111,7 +111,7 @@ def load_official_irra_checkpoint(path: str | os.PathLike, image_size: tuple[int
         path: the checkpoint file.
         image_size: the (height, width) the model was trained with (not stored in the file).
         stride_size: the patch stride it was trained with.
-        **kwargs: ``temperature``, ``mask_global_text``, ``mlm_logits_at_masked_only``, ``attn_impl``
+        **kwargs: ``temperature``, ``mlm_logits_at_masked_only``, ``attn_impl``
             (see :func:`irra_from_state_dict`).
 
     Returns:

@@ -46,15 +46,12 @@ class IRRA(nn.Module):
         cmt_depth: layers of the cross-modal transformer.
         temperature: fixed SDM/ITC temperature; ``logit_scale = 1 / temperature``.
         with_mlm: build the IRR module (cross-attention, cross-modal transformer, MLM head).
-        mask_global_text: take the global text feature from the ``mlm_ids`` pass when the batch has one
-            (the official aliasing: one text-tower pass). False: clean ``caption_ids`` for the global feature.
         mlm_logits_at_masked_only: run the MLM head only where ``mlm_labels != 0`` (same loss, far less
             memory and compute); False: all B*L positions, as the official code.
     """
 
     def __init__(self, base_model: CLIP, num_classes: int, *, cmt_depth: int = 4, temperature: float = 0.02,
-                 with_mlm: bool = True, mask_global_text: bool = True,
-                 mlm_logits_at_masked_only: bool = True) -> None:
+                 with_mlm: bool = True, mlm_logits_at_masked_only: bool = True) -> None:
         super().__init__()
         if num_classes < 0:
             raise ValueError(f"num_classes must be >= 0 (0 means no ID classifier), got {num_classes}")
@@ -67,7 +64,6 @@ class IRRA(nn.Module):
         self.num_classes = num_classes
         self.temperature = float(temperature)
         self.with_mlm = with_mlm
-        self.mask_global_text = mask_global_text
         self.mlm_logits_at_masked_only = mlm_logits_at_masked_only
         # Fixed, not learned; non-persistent so the state-dict keys equal the official ones (IRRA_SPEC 1.6).
         self.register_buffer("logit_scale", torch.tensor(1.0 / temperature), persistent=False)
@@ -145,36 +141,37 @@ class IRRA(nn.Module):
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Compute the named outputs of docs/ARCHITECTURE.md for one batch.
 
+        The global text feature pools ``caption_ids``, whichever captions the data put there: the loaders
+        decide (``data.mask_global_text``), the model has no switch of its own.
+
         Args:
-            batch: ``images`` [B,3,H,W], ``caption_ids`` [B,L]; with MLM also ``mlm_ids`` and
-                ``mlm_labels`` [B,L] (label 0 = not masked).
+            batch: ``images`` [B,3,H,W], ``caption_ids`` [B,L]; for MLM also ``mlm_labels`` [B,L] (label
+                0 = not masked) and, when ``caption_ids`` are not themselves the masked captions,
+                ``mlm_ids`` [B,L] (the masked captions). A batch with ``mlm_labels`` but no ``mlm_ids``
+                feeds ``caption_ids`` to the IRR branch too: one text-tower pass serves both branches.
 
         Returns:
             ``image_feats``/``text_feats`` [B,D] fp32; ``logit_scale`` 0-dim fp32; ``image_logits``/
             ``text_logits`` [B,C] with a classifier; ``mlm_logits`` [M,V] and ``mlm_labels`` [M] (masked
-            positions only) or [B*L,V] and [B*L] (all positions) when the batch has ``mlm_ids`` and the model
-            has the IRR module.
+            positions only) or [B*L,V] and [B*L] (all positions) when the batch has ``mlm_labels`` and the
+            model has the IRR module.
         """
         image_tokens = self.base_model.encode_image(batch["images"])
         out: dict[str, Any] = {"image_feats": image_tokens[:, 0].float()}
-        mlm_ids = batch.get("mlm_ids")
-        run_irr = self.with_mlm and mlm_ids is not None
-        if mlm_ids is not None and self.mask_global_text:
-            # Official aliasing: caption_ids == mlm_ids, so one text pass serves both branches.
-            if run_irr:
-                mlm_tokens = self.base_model.encode_text(mlm_ids)
-                text_feats = _eot(mlm_tokens, mlm_ids)
-            else:
-                text_feats = self.base_model.encode_text(mlm_ids, all_tokens=False)
-        elif run_irr:
-            caption_ids = batch["caption_ids"]
-            # One pass over the clean and masked captions together keeps the batch large on the GPU.
+        caption_ids = batch["caption_ids"]
+        run_irr = self.with_mlm and "mlm_labels" in batch
+        if not run_irr:
+            text_feats = self.base_model.encode_text(caption_ids, all_tokens=False)
+        elif "mlm_ids" in batch:
+            # One pass over both caption sets together keeps the batch large on the GPU.
             n = caption_ids.shape[0]
-            tokens = self.base_model.encode_text(torch.cat([caption_ids, mlm_ids]))
-            clean_tokens, mlm_tokens = tokens.split([n, n])
-            text_feats = _eot(clean_tokens, caption_ids)
+            tokens = self.base_model.encode_text(torch.cat([caption_ids, batch["mlm_ids"]]))
+            caption_tokens, mlm_tokens = tokens.split([n, n])
+            text_feats = _eot(caption_tokens, caption_ids)
         else:
-            text_feats = self.base_model.encode_text(batch["caption_ids"], all_tokens=False)
+            # caption_ids are the masked captions (the official aliasing, IRRA_SPEC 3.3)
+            mlm_tokens = self.base_model.encode_text(caption_ids)
+            text_feats = _eot(mlm_tokens, caption_ids)
         out["text_feats"] = text_feats.float()
         out["logit_scale"] = self.logit_scale.float()
 
@@ -211,8 +208,8 @@ def _attn_impl_of(model: nn.Module) -> AttnImpl:
 
 
 def build_irra(num_classes: int, clip: CLIP | None = None, *, cmt_depth: int = 4, temperature: float = 0.02,
-               with_mlm: bool = True, mask_global_text: bool = True, mlm_logits_at_masked_only: bool = True,
-               attn_impl: AttnImpl = "sdpa", **clip_sizes: Any) -> IRRA:
+               with_mlm: bool = True, mlm_logits_at_masked_only: bool = True, attn_impl: AttnImpl = "sdpa",
+               **clip_sizes: Any) -> IRRA:
     """Build IRRA around ``clip``, or around a randomly initialised CLIP of the given sizes.
 
     Args:
@@ -221,7 +218,6 @@ def build_irra(num_classes: int, clip: CLIP | None = None, *, cmt_depth: int = 4
         cmt_depth: cross-modal transformer layers.
         temperature: fixed temperature (logit scale 1 / temperature).
         with_mlm: build the IRR module.
-        mask_global_text: see :class:`IRRA`.
         mlm_logits_at_masked_only: see :class:`IRRA`.
         attn_impl: attention of a newly built CLIP (an existing ``clip`` keeps its own).
         **clip_sizes: keyword arguments of :func:`irra_dist.model.clip.build_clip` (defaults: ViT-B/16 at
@@ -232,7 +228,7 @@ def build_irra(num_classes: int, clip: CLIP | None = None, *, cmt_depth: int = 4
     elif clip_sizes:
         raise ValueError(f"pass either a CLIP model or its sizes, not both (got sizes {sorted(clip_sizes)})")
     return IRRA(clip, num_classes, cmt_depth=cmt_depth, temperature=temperature, with_mlm=with_mlm,
-                mask_global_text=mask_global_text, mlm_logits_at_masked_only=mlm_logits_at_masked_only)
+                mlm_logits_at_masked_only=mlm_logits_at_masked_only)
 
 
 # ModelConfig fields that give the tower sizes of a random-init CLIP
@@ -240,8 +236,7 @@ _CONFIG_SIZE_FIELDS = ("embed_dim", "patch_size", "vision_width", "vision_layers
                        "context_length", "vocab_size", "text_width", "text_heads", "text_layers")
 
 
-def build_irra_from_config(cfg: ModelConfig, num_classes: int, with_mlm: bool = True,
-                           mask_global_text: bool = True) -> IRRA:
+def build_irra_from_config(cfg: ModelConfig, num_classes: int, with_mlm: bool = True) -> IRRA:
     """Build IRRA from the ``model`` section of a run config.
 
     ``cfg.pretrained == "none"`` gives a random-init CLIP of the configured sizes; anything else is passed to
@@ -255,7 +250,7 @@ def build_irra_from_config(cfg: ModelConfig, num_classes: int, with_mlm: bool = 
         clip = load_openai_clip(cfg.pretrained, image_size=tuple(cfg.image_size), stride_size=cfg.stride_size,
                                 verify_checksum=cfg.verify_checksum)
     model = IRRA(clip, num_classes, cmt_depth=cfg.cmt_depth, temperature=cfg.temperature, with_mlm=with_mlm,
-                 mask_global_text=mask_global_text, mlm_logits_at_masked_only=cfg.mlm_logits_at_masked_only)
+                 mlm_logits_at_masked_only=cfg.mlm_logits_at_masked_only)
     if cfg.grad_checkpointing:
         model.set_grad_checkpointing(True)
     return model

@@ -31,6 +31,8 @@ def test_demo_learns_far_above_chance(demo_run: tuple[Path, str]) -> None:
     assert best["split"] == "test" and best["selected_on"] == "val"
     assert best["epoch"] == max(evals, key=lambda row: (row["metrics"]["t2i"]["R1"], -row["epoch"]))["epoch"]
     final = best["metrics"]["t2i"]
+    # Measured 76.3 (README, `make demo` in a fresh clone): 50 leaves a 26-point margin for other machines and
+    # thread counts while staying 50x chance.
     assert final["R1"] >= 50.0, f"demo test R1 {final['R1']:.1f}% (chance ~{100 / NUM_TEST_IDS:.0f}%)"
     assert evals[0]["metrics"]["t2i"]["R1"] < evals[-1]["metrics"]["t2i"]["R1"]  # it learned during the run
     assert 0 < final["mINP"] <= final["mAP"] <= 100

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 import numpy as np
@@ -32,41 +33,106 @@ def _image(seed: int, size: tuple[int, int] = (96, 32)) -> Image.Image:
     return Image.fromarray(rng.integers(0, 256, (*size, 3), dtype=np.uint8))
 
 
-def _expected_size(style: GridStyle, rows: int, k: int, labelled: bool) -> tuple[int, int]:
-    """The layout written out from the constants, independently of GridStyle.canvas_size."""
-    th, tw = style.thumb_size
-    cell_w, cell_h = tw + 2 * style.frame, th + 2 * style.frame
-    width = max(style.min_width, style.margin * 2 + k * cell_w + (k - 1) * style.gap)
-    row_h = style.line_height * style.query_lines + style.text_gap + cell_h + style.line_height * (
-        3 if labelled else 2)
-    return width, style.margin * 2 + rows * row_h + (rows - 1) * style.row_gap
+def _colour(i: int) -> tuple[int, int, int]:
+    """A distinct saturated colour per index (never a grey: text and the grey frame are greys)."""
+    return (20 + (37 * i) % 200, 230 - (53 * i) % 150, 60 + (91 * i) % 170)
+
+
+def _solid(i: int, size: tuple[int, int]) -> Image.Image:
+    """A solid image of colour i at (height, width) `size`: any resize keeps its colour, so each thumbnail
+    can be found in the rendered pixels."""
+    return Image.new("RGB", (size[1], size[0]), _colour(i))
+
+
+def _runs(positions: np.ndarray) -> list[tuple[int, int]]:
+    """Sorted integer positions grouped into [start, stop) runs of consecutive values."""
+    cuts = np.nonzero(np.diff(positions) > 1)[0]
+    starts, ends = np.r_[positions[0], positions[cuts + 1]], np.r_[positions[cuts], positions[-1]]
+    return [(int(a), int(b) + 1) for a, b in zip(starts, ends)]
+
+
+def _rectangles(pixels: np.ndarray, i: int) -> list[tuple[int, int, int, int]]:
+    """(left, top, right, bottom) of every block of colour i, each checked to be a solid rectangle."""
+    mask = (pixels == _colour(i)).all(-1)
+    boxes = []
+    for top, bottom in _runs(np.nonzero(mask.any(1))[0]) if mask.any() else []:
+        for left, right in _runs(np.nonzero(mask[top:bottom].any(0))[0]):
+            assert mask[top:bottom, left:right].all(), f"thumbnail {i} is not a rectangle"
+            boxes.append((left, top, right, bottom))
+    return boxes
+
+
+def _thumb_boxes(png: Path, indices: list[int]) -> list[tuple[int, int, int, int]]:
+    """The one rectangle of each index's colour in the picture."""
+    pixels = np.asarray(Image.open(png).convert("RGB"))
+    found = [_rectangles(pixels, i) for i in indices]
+    assert [len(f) for f in found] == [1] * len(indices), "each thumbnail must appear exactly once"
+    return [f[0] for f in found]
+
+
+def _frame_width(pixels: np.ndarray, box: tuple[int, int, int, int]) -> tuple[tuple[int, ...], int]:
+    """The colour just left of a thumbnail and how many pixels of it lie between the thumbnail and the
+    background, walking left, right, up and down (all four must agree)."""
+    left, top, right, bottom = box
+    colour = tuple(int(v) for v in pixels[top, left - 1])
+    widths = set()
+    for dx, dy, x, y in ((-1, 0, left - 1, top), (1, 0, right, top), (0, -1, left, top - 1),
+                         (0, 1, left, bottom)):
+        n = 0
+        while tuple(pixels[y + n * dy, x + n * dx]) == colour:
+            n += 1
+        widths.add(n)
+    assert len(widths) == 1, widths
+    return colour, widths.pop()
 
 
 @pytest.mark.parametrize("rows,k,labelled,thumb", [(1, 1, False, (128, 48)), (3, 10, True, (128, 48)),
                                                    (2, 5, False, (64, 24))])
-def test_grid_is_a_png_of_the_layout_size(tmp_path: Path, rows: int, k: int, labelled: bool,
-                                          thumb: tuple[int, int]) -> None:
+def test_grid_shows_every_hit_framed_in_rank_order_inside_the_picture(
+        tmp_path: Path, rows: int, k: int, labelled: bool, thumb: tuple[int, int]) -> None:
+    # Images twice the thumbnail size, same aspect: scaled to exactly the thumbnail.
+    big = (2 * thumb[0], 2 * thumb[1])
     data = [QueryRow(f"query {r} " + "a long description of a person " * r,
-                     [Hit(_image(r * 100 + j), 1.0 - j / 10, None, "pid 3" if labelled else "")
+                     [Hit(_solid(r * k + j, big), 1.0 - j / 10, None, "pid 3" if labelled else "")
                       for j in range(k)]) for r in range(rows)]
     out = render_retrieval_grid(data, tmp_path / "sub" / "grid.png", thumb_size=thumb)
     with Image.open(out) as img:
         assert img.format == "PNG"
-        assert img.size == _expected_size(GridStyle(thumb_size=thumb), rows, k, labelled)
+        pixels = np.asarray(img.convert("RGB"))
+    height, width = pixels.shape[:2]
+    boxes = [_thumb_boxes(out, [r * k + j for j in range(k)]) for r in range(rows)]
+    assert all((b[3] - b[1], b[2] - b[0]) == thumb for row in boxes for b in row)
+    # A grid: a row's thumbnails side by side at one height and an even pitch, rows evenly spaced below.
+    for row in boxes:
+        assert len({b[1] for b in row}) == 1
+        assert len({b2[0] - b1[0] for b1, b2 in zip(row, row[1:])}) <= 1
+        assert all(b2[0] > b1[2] for b1, b2 in zip(row, row[1:]))
+    tops = [row[0][1] for row in boxes]
+    assert len({t2 - t1 for t1, t2 in zip(tops, tops[1:])}) <= 1 and tops == sorted(tops)
+    assert len({b[0] for b in (row[0] for row in boxes)}) == 1  # every row starts at the left margin
+    frames = {_frame_width(pixels, b) for row in boxes for b in row}
+    assert len(frames) == 1 and next(iter(frames))[1] >= 1  # one grey frame width around every thumbnail
+    # Nothing cut off and no canvas wasted: blank margins all round, no more than two text lines below.
+    ink_rows = np.nonzero((pixels != 255).any(axis=(1, 2)))[0]
+    ink_cols = np.nonzero((pixels != 255).any(axis=(0, 2)))[0]
+    assert ink_rows[0] > 0 and ink_cols[0] > 0 and ink_rows[-1] < height - 1 and ink_cols[-1] < width - 1
+    assert height - 1 - ink_rows[-1] <= 2 * GridStyle().line_height
+    frame = next(iter(frames))[1]
+    left_margin, right_margin = boxes[0][0][0] - frame, width - (boxes[0][-1][2] + frame)
+    # symmetric, unless the canvas was widened to its minimum width for the query text
+    assert right_margin == left_margin or (width == GridStyle().min_width and right_margin > left_margin)
     # written atomically: nothing but the PNG is left in the folder
     assert sorted(p.name for p in out.parent.iterdir()) == ["grid.png"]
 
 
 def test_frames_are_green_red_or_grey_by_correctness(tmp_path: Path) -> None:
-    style = GridStyle()
+    size = GridStyle().thumb_size
     # plain tuples are accepted as rows and hits
-    rows = [("who", [(_image(1), 0.9, True), (_image(2), 0.8, False), (_image(3), 0.7, None)])]
+    rows = [("who", [(_solid(1, size), 0.9, True), (_solid(2, size), 0.8, False),
+                     (_solid(3, size), 0.7, None)])]
     out = render_retrieval_grid(rows, tmp_path / "g.png")
     img = np.asarray(Image.open(out).convert("RGB"))
-    cell_w = style.thumb_size[1] + 2 * style.frame
-    top = style.margin + style.query_lines * style.line_height + style.text_gap
-    colours = [tuple(img[top + 1, style.margin + j * (cell_w + style.gap) + 1]) for j in range(3)]
-    green, red, grey = colours
+    green, red, grey = (_frame_width(img, box)[0] for box in _thumb_boxes(out, [1, 2, 3]))
     assert green[1] > 120 and green[0] < 60 and green[2] < 100
     assert red[0] > 150 and red[1] < 60 and red[2] < 60
     assert grey[0] == grey[1] == grey[2] and 120 < grey[0] < 220
@@ -120,7 +186,7 @@ def test_retrieval_examples_hook_reads_only_the_top_k_images(tmp_path: Path) -> 
 
     def load(indices):
         asked.append(list(indices))
-        return [_image(int(i)) for i in indices]
+        return [_solid(int(i), GridStyle().thumb_size) for i in indices]
 
     out = save_retrieval_examples(model, gallery_feats, gallery_pids, load, queries, tmp_path / "ex.png",
                                   top_k=4)
@@ -129,8 +195,12 @@ def test_retrieval_examples_hook_reads_only_the_top_k_images(tmp_path: Path) -> 
         text_feats = model.eval().encode_text(tokenize(texts))
     expected = _brute_force_topk(text_feats, gallery_feats, 4)
     assert len(asked) == 1 and sorted(asked[0]) == sorted({i for row in expected for i in row})
-    with Image.open(out) as img:
-        assert img.size == _expected_size(GridStyle(), 3, 4, True)
+    # The picture shows each query's top 4 in rank order: one row per query, best on the left.
+    pixels = np.asarray(Image.open(out).convert("RGB"))
+    shown = sorted((top, left, i) for i in asked[0] for left, top, _, _ in _rectangles(pixels, i))
+    rows = [[i for _, _, i in sorted(cells, key=lambda c: c[1])]
+            for _, cells in itertools.groupby(shown, key=lambda c: c[0])]
+    assert rows == expected
 
 
 def test_retrieval_examples_hook_with_precomputed_text_and_gallery_index(tmp_path: Path) -> None:

@@ -325,6 +325,14 @@ class Config:
             raise ConfigError(f"eval.source={self.eval.source!r} names no source of data.sources "
                               f"({names or 'none: data.shards is a single set'}): use one of those names")
 
+    def eval_shards(self) -> str:
+        """The shard set evaluated: ``data.shards``, or with a mixture the source that ``eval.source`` names
+        (default: the first)."""
+        if not self.data.sources:
+            return self.data.shards
+        name = self.eval.source or self.data.sources[0].name
+        return next(source.shards for source in self.data.sources if source.name == name)
+
     def to_dict(self) -> dict[str, Any]:
         return _to_plain(dataclasses.asdict(self))
 

@@ -144,7 +144,7 @@ def load_search_model(run: str | os.PathLike | None = None, checkpoint: str | os
 
         cfg = load_run_config(home)
         model_cfg = cfg.model
-        shards = Path(cfg.data.shards)
+        shards = Path(cfg.eval_shards())
         default_gallery = shards if (shards / MANIFEST_NAME).is_file() else None
         # The test split is the evaluation gallery; val (where runs now select) is often a small carve-out.
         default_split = "test"

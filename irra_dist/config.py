@@ -489,7 +489,9 @@ def resolve_recipe(name_or_path: str | os.PathLike) -> Path:
 
 
 def read_recipe(path: str | os.PathLike, _seen: tuple[Path, ...] = ()) -> list[dict[str, Any]]:
-    """A recipe's mappings, those of its `base: other.yaml` chain (relative to the file naming it) first."""
+    """A recipe's mappings, those of its `base: other.yaml` chain (relative to the file naming it) first.
+
+    Read here because OmegaConf itself has no include of another file (Hydra's defaults lists do that)."""
     path = resolve_recipe(path).resolve()
     if path in _seen:
         raise ConfigError(f"config file {path} includes itself through 'base': remove the cycle")

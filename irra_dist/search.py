@@ -140,7 +140,7 @@ def load_search_model(run: str | os.PathLike | None = None, checkpoint: str | os
     if run_dir is not None:
         from irra_dist.engine.runfolder import load_run_config
 
-        shards = Path(load_run_config(run_dir).data.shards)
+        shards = Path(load_run_config(run_dir).eval_shards())
         default_gallery = shards if (shards / MANIFEST_NAME).is_file() else None
     model = loaded.model.eval()
     size = model.base_model.visual.image_size

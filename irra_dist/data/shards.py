@@ -52,6 +52,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from irra_dist.data.jsonl import JSONL_NAME, parse_jsonl
 from irra_dist.data.parsers import (
     SPLITS,
     DatasetError,
@@ -302,6 +303,8 @@ def build_shards(parsed_or_name: ParsedDataset | str, root: str | os.PathLike | 
         # The official num_classes counts every parsed train pid: an image skipped here (or one without
         # captions) must not shrink the classifier while other pids up to N-1 still occur.
         "num_train_ids": parsed.num_train_ids,
+        # "per_image": built without identities (each image its own), so the trainer turns the ID loss off.
+        "identities": parsed.identities,
         "num_skipped": parsed.num_skipped + len(build_skipped),
         # Set when the val split was carved from the training identities (irra-build-shards --val-ids N).
         "val_from_train": parsed.val_from_train,
@@ -810,9 +813,13 @@ def _arg_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="irra-build-shards",
         description="Write a person-retrieval dataset as WebDataset tar shards plus manifest.json.")
-    parser.add_argument("--dataset", help="CUHK-PEDES, ICFG-PEDES or RSTPReid (or an alias); with "
-                        "--index-only, the name recorded in the manifest")
+    parser.add_argument("--dataset", help="CUHK-PEDES, ICFG-PEDES or RSTPReid (or an alias), or jsonl for "
+                        "your own data (--ann, --images); with --index-only, the name recorded in the "
+                        "manifest")
     parser.add_argument("--root", help="the dataset folder, or the data root holding it")
+    parser.add_argument("--ann", help="--dataset jsonl: the annotation file, one JSON object per line: "
+                        '{"image": "rel/path.jpg", "captions": ["..."], "pid": optional, "split": optional}')
+    parser.add_argument("--images", help="--dataset jsonl: the folder the 'image' paths are relative to")
     parser.add_argument("--out", default=None, help="destination folder (default: shards/<dataset>)")
     parser.add_argument("--shard-size", type=int, default=DEFAULT_SHARD_SIZE, help="images per shard")
     parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
@@ -825,6 +832,9 @@ def _arg_parser() -> argparse.ArgumentParser:
                         help="move N whole training identities into a val split, deterministically (for "
                              "datasets without one: ICFG-PEDES; configs/irra_icfg_pedes.yaml uses 300); "
                              "default 0: the official splits")
+    parser.add_argument("--test-ids", type=int, default=0, metavar="N",
+                        help="--dataset jsonl: move N whole identities (of the lines without a split) into "
+                             "the test split, deterministically")
     parser.add_argument("--skip-bad", action="store_true", help="skip bad records instead of stopping")
     parser.add_argument("--overwrite", action="store_true", help="replace another dataset's shards in --out")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -844,8 +854,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.index_only and not args.out:
         parser.error("--index-only needs --out DIR, the folder holding the tars")
-    if not args.index_only and not (args.dataset and args.root):
+    jsonl = (args.dataset or "").lower() == JSONL_NAME
+    if jsonl and not (args.ann and args.images):
+        parser.error("--dataset jsonl needs --ann FILE.jsonl and --images DIR")
+    if not args.index_only and not jsonl and not (args.dataset and args.root):
         parser.error("the following arguments are required: --dataset, --root")
+    if args.test_ids and not jsonl:
+        parser.error("--test-ids is for --dataset jsonl (the official datasets have their test split)")
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
@@ -863,8 +878,12 @@ def main(argv: list[str] | None = None) -> int:
 
 def _build_from_args(args: argparse.Namespace) -> tuple[Path, dict[str, Any]]:
     """Parse the dataset, print its table, write the shards; returns (out folder, manifest)."""
-    parsed = parse_dataset(args.dataset, args.root, skip_bad=args.skip_bad)
-    parsed = carve_val_identities(parsed, args.val_ids)
+    if args.dataset.lower() == JSONL_NAME:
+        parsed = parse_jsonl(args.ann, args.images, skip_bad=args.skip_bad, val_ids=args.val_ids,
+                             test_ids=args.test_ids)
+    else:
+        parsed = parse_dataset(args.dataset, args.root, skip_bad=args.skip_bad)
+        parsed = carve_val_identities(parsed, args.val_ids)
     out = Path(args.out) if args.out else Path("shards") / parsed.name
     print(parsed.table())
     manifest = build_shards(parsed, None, out, shard_size=args.shard_size, workers=args.workers,

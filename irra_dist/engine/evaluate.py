@@ -277,7 +277,7 @@ def evaluate_on_sets(target: str | os.PathLike, shard_sets: Sequence[str | os.Pa
     if not shard_sets:
         if own_cfg is None:
             raise ConfigError(f"{file} does not name its shards: pass --shards DIR")
-        shard_sets = [own_cfg.data.shards]
+        shard_sets = [own_cfg.eval_shards()]
     run_cfg = own_cfg or Config()
     run_cfg = replace(run_cfg, train=replace(run_cfg.train, mixed_precision=precision, compile=False,
                                              grad_accum_steps=1))

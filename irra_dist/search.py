@@ -23,7 +23,6 @@ against the gallery features the evaluation just computed.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import hashlib
 import json
 import logging
@@ -37,11 +36,10 @@ from typing import Any, Protocol
 
 import numpy as np
 import torch
-import yaml
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from irra_dist.config import ConfigError, ModelConfig, config_from_dict
+from irra_dist.config import ConfigError
 from irra_dist.data.pipeline import build_eval_loaders
 from irra_dist.data.shards import (
     MANIFEST_NAME,
@@ -53,8 +51,8 @@ from irra_dist.data.shards import (
 )
 from irra_dist.data.transforms import DECODE_ERRORS, decode_image, test_transform
 from irra_dist.fileio import atomic_write, atomic_write_bytes
-from irra_dist.model import IRRA, CheckpointError, build_irra_from_config, load_irra_weights
-from irra_dist.model.clip import load_into
+from irra_dist.model import IRRA, CheckpointError
+from irra_dist.model.weights import CONFIG_FILE, WEIGHTS_CHOICES, WEIGHTS_FILE, load_model
 from irra_dist.retrieval.results import (  # noqa: F401 (format_results, slugify: part of this module's API)
     QueryResult,
     default_out_path,
@@ -75,9 +73,6 @@ logger = logging.getLogger(__name__)
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff")
 CACHE_VERSION = 1
 """Part of the cache key: bump it when the cached features would change for the same inputs."""
-RUN_CONFIG = "config.yaml"
-RUN_WEIGHTS = "model.safetensors"
-RUN_BEST_WEIGHTS = "best.safetensors"
 EXIT_BAD_INPUT = 2
 
 
@@ -95,6 +90,7 @@ class SearchModel:
 
     model: IRRA
     weights_path: Path
+    """The file whose SHA-256 identifies the weights (gallery cache and index keys)."""
     image_size: tuple[int, int]
     home: Path
     """The run folder, or the checkpoint's folder: default place for the PNG and the feature cache."""
@@ -106,15 +102,17 @@ class SearchModel:
 def load_search_model(run: str | os.PathLike | None = None, checkpoint: str | os.PathLike | None = None,
                       *, weights: str = "best", image_size: tuple[int, int] | None = None,
                       stride_size: int | None = None) -> SearchModel:
-    """Load IRRA from a run folder or from one weights file.
+    """Load IRRA from a run folder or from one weights file (:func:`irra_dist.model.weights.load_model`).
 
     Args:
-        run: a run folder written by the trainer (config.yaml plus best.safetensors / model.safetensors).
-        checkpoint: a safetensors export (ours), or an official IRRA ``best.pth``.
+        run: a run folder written by the trainer (config.yaml plus best.safetensors / model.safetensors, or
+            its checkpoints), or a checkpoint folder.
+        checkpoint: a weights file: a safetensors export (ours), an official IRRA ``best.pth``, an OpenAI
+            CLIP file.
         weights: for a run folder, "best" (best.safetensors when it exists, else model.safetensors) or
             "last" (model.safetensors), as ``irra-eval --weights``.
-        image_size: (height, width) override; by default the run's ``model.image_size``, the config or
-            size stored in the safetensors metadata, or the official 384x128.
+        image_size: (height, width) override; by default the size the weights record (official files: the
+            official 384x128).
         stride_size: patch stride override, found the same way (default 16).
 
     Returns:
@@ -126,91 +124,29 @@ def load_search_model(run: str | os.PathLike | None = None, checkpoint: str | os
     """
     if (run is None) == (checkpoint is None):
         raise SearchError("pass exactly one of --run RUN_DIR or --checkpoint FILE")
-    if weights not in ("best", "last"):
+    if weights not in WEIGHTS_CHOICES:
         raise SearchError(f"weights must be 'best' or 'last', got {weights!r}")
-    default_gallery, default_split = None, "test"
-    if run is not None:
-        home = Path(run)
-        if not home.is_dir():
-            raise SearchError(f"run folder not found: {home} (pass --run with a folder holding {RUN_CONFIG} "
-                              f"and {RUN_WEIGHTS})")
-        best = home / RUN_BEST_WEIGHTS
-        file = best if weights == "best" and best.is_file() else home / RUN_WEIGHTS
-        for path in (home / RUN_CONFIG, file):
-            if not path.is_file():
-                raise SearchError(f"{home} has no {path.name}: pass a run folder in which an epoch finished, "
-                                  "or a weights file with --checkpoint FILE")
+    target = Path(run if run is not None else checkpoint)
+    if run is not None and not target.is_dir():
+        raise SearchError(f"run folder not found: {target} (pass --run with a folder holding {CONFIG_FILE} "
+                          f"and {WEIGHTS_FILE})")
+    if checkpoint is not None and not target.exists():
+        raise SearchError(f"checkpoint not found: {target} (pass a .safetensors export or an official IRRA "
+                          "best.pth)")
+    loaded = load_model(target, weights=weights, image_size=image_size, stride_size=stride_size)
+    run_dir = loaded.source.run_dir
+    home = run_dir or (target if target.is_dir() else target.parent)
+    default_gallery = None
+    if run_dir is not None:
         from irra_dist.engine.runfolder import load_run_config
 
-        cfg = load_run_config(home)
-        model_cfg = cfg.model
-        shards = Path(cfg.eval_shards())
+        shards = Path(load_run_config(run_dir).eval_shards())
         default_gallery = shards if (shards / MANIFEST_NAME).is_file() else None
-        # The test split is the evaluation gallery; val (where runs now select) is often a small carve-out.
-        default_split = "test"
-    else:
-        file = Path(checkpoint)
-        if not file.is_file():
-            raise SearchError(f"checkpoint not found: {file} (pass a .safetensors export or an official IRRA "
-                              "best.pth)")
-        home = file.parent
-        model_cfg = _embedded_model_config(file)
-    model = _load_weights(file, model_cfg, image_size, stride_size).eval()
+    model = loaded.model.eval()
     size = model.base_model.visual.image_size
-    return SearchModel(model, file, (int(size[0]), int(size[1])), home, default_gallery, default_split)
-
-
-def _embedded_model_config(path: Path) -> ModelConfig | None:
-    """The model section of the run config that the trainer stores in its safetensors exports, if any."""
-    if path.suffix != ".safetensors":
-        return None
-    from safetensors import SafetensorError, safe_open
-
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            text = (f.metadata() or {}).get("config")
-    except (SafetensorError, OSError):
-        return None  # the loader reports the unreadable file
-    if not text:
-        return None
-    try:
-        return config_from_dict(yaml.safe_load(text)).model
-    except (ConfigError, yaml.YAMLError) as err:
-        logger.warning("ignoring the config stored in %s (%s); reading the model's shape from its tensors",
-                       path, err)
-        return None
-
-
-def _load_weights(file: Path, cfg: ModelConfig | None, image_size: tuple[int, int] | None,
-                  stride_size: int | None) -> IRRA:
-    """The model in `file`: built from its run config when the towers were random-init, else from the tensors.
-
-    Tower sizes can be read from the tensors but head counts cannot (that inference assumes CLIP's 64-wide
-    heads), so a random-init model (``model.pretrained: none``, e.g. the demo's) is built from its config.
-    """
-    if cfg is None:
-        return load_irra_weights(file, image_size=image_size, stride_size=stride_size)
-    image_size = tuple(image_size or cfg.image_size)
-    stride_size = stride_size or cfg.stride_size
-    if cfg.pretrained.lower() != "none" or file.suffix != ".safetensors":
-        return load_irra_weights(file, image_size=image_size, stride_size=stride_size,
-                                 temperature=cfg.temperature)
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    try:
-        state_dict = load_file(str(file))
-    except (SafetensorError, OSError, ValueError) as err:
-        raise CheckpointError(f"cannot read {file}: truncated or not a safetensors file ({err}); "
-                              "re-export the run's weights") from None
-    num_classes = state_dict["classifier.weight"].shape[0] if "classifier.weight" in state_dict else 0
-    model_cfg = dataclasses.replace(cfg, image_size=image_size, stride_size=stride_size)
-    with torch.device("meta"):
-        model = build_irra_from_config(model_cfg, num_classes, with_mlm="mlm_head.fc.weight" in state_dict)
-    load_into(model, state_dict, str(file))
-    # The fixed logit scale is a non-persistent buffer: not in the file, so rebuild it off the meta device.
-    model.logit_scale = torch.tensor(1.0 / cfg.temperature)
-    return model
+    # The test split is the evaluation gallery; val (where runs now select) is often a small carve-out.
+    return SearchModel(model, loaded.source.digest_file, (int(size[0]), int(size[1])), home, default_gallery,
+                       "test")
 
 
 def file_digest(path: Path, memo_dir: Path | None = None) -> str:

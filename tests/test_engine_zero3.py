@@ -144,3 +144,19 @@ def test_zero3_evaluation_of_uneven_parts_equals_a_single_process_evaluation(run
     for key, value in ref_row["metrics"]["t2i"].items():
         assert row["metrics"]["t2i"][key] == pytest.approx(value, abs=1e-4), key
         assert alone["metrics"]["t2i"][key] == pytest.approx(value, abs=1e-4), key
+
+
+def test_zero3_partitioned_checkpoint_loads_as_the_single_process_model(runs: dict[str, Path]) -> None:
+    """Each rank holds a partition of every parameter; zero_to_fp32 puts them together into the weights the
+    run exported (exactly) and those of the single-process run."""
+    from irra_dist.model.weights import load_model
+
+    loaded = load_model(runs["zero3"] / "checkpoints" / "last")
+    assert loaded.kind == "deepspeed_checkpoint"
+    got = loaded.model.state_dict()
+    exported = load_file(runs["zero3"] / "model.safetensors")
+    ref = load_file(runs["ref"] / "model.safetensors")
+    assert got.keys() == exported.keys() == ref.keys()
+    for key, value in ref.items():
+        assert torch.equal(got[key], exported[key]), key
+        torch.testing.assert_close(got[key], value, rtol=1e-5, atol=1e-6, msg=lambda m, k=key: f"{k}: {m}")

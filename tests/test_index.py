@@ -428,13 +428,10 @@ def test_bad_input_exits_2_with_one_line(bad_cases: dict[str, tuple], case: str,
 @pytest.mark.slow
 def test_exact_index_matches_pytorch_ranking_on_demo_gallery(demo_run: tuple[Path, str], tmp_path: Path,
                                                              fresh_accelerate: None) -> None:
-    from irra_dist.search import (
-        ShardGallery,
-        cached_gallery_features,
-        load_search_model,
-        search,
-        split_caption_queries,
-    )
+    from irra_dist.retrieval.cache import cached_gallery_features
+    from irra_dist.retrieval.gallery import ShardGallery, split_caption_queries
+    from irra_dist.retrieval.ranking import search
+    from irra_dist.search import load_search_model
 
     run, _ = demo_run
     loaded = load_search_model(run=run)

@@ -69,7 +69,7 @@ from irra_dist.evaluation.selection import RULE_TITLES, select_results
 from irra_dist.losses import irra_accuracies, irra_losses
 from irra_dist.model import CheckpointError
 from irra_dist.optim import build_lr_scheduler, build_optimizer
-from irra_dist.search import RetrievalExamples
+from irra_dist.retrieval.examples import RetrievalExamples
 
 logger = logging.getLogger(__name__)
 

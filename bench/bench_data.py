@@ -45,8 +45,8 @@ from irra_dist.data import transforms as tr
 from irra_dist.data.parsers import ParsedDataset, parse_dataset
 from irra_dist.data.pipeline import TrainLoader
 from irra_dist.data.shards import build_shards
-from irra_dist.data.synthetic import generate_synthetic_dataset
 from irra_dist.masking import mask_tokens
+from irra_dist.synthetic.dataset import generate_synthetic_dataset
 from irra_dist.tokenizer import default_tokenizer, tokenize
 
 IMAGE_SIZE = (384, 128)

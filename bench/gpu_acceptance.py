@@ -160,7 +160,7 @@ def _demo_overrides(plan: Plan, work: Path, shards: Path) -> list[str]:
 def _tiny_shards(work: Path) -> Path:
     """A tiny synthetic shard set for the dry run (13 training identities, 3 test identities)."""
     from irra_dist.data.shards import build_shards
-    from irra_dist.data.synthetic import generate_synthetic_dataset
+    from irra_dist.synthetic.dataset import generate_synthetic_dataset
 
     out = work / "shards"
     if not (out / "manifest.json").is_file():

@@ -31,8 +31,8 @@ sys.path.insert(0, str(REPO))
 
 from irra_dist.data.parsers import parse_dataset  # noqa: E402
 from irra_dist.data.shards import build_shards  # noqa: E402
-from irra_dist.data.synthetic import generate_synthetic_dataset  # noqa: E402
 from irra_dist.engine.trainer import build_demo_shards  # noqa: E402
+from irra_dist.synthetic.dataset import generate_synthetic_dataset  # noqa: E402
 
 IMAGE_SIZE = (96, 32)  # the demo recipe's input size
 

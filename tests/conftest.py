@@ -46,7 +46,7 @@ TINY_RECIPE: dict = {
 def tiny_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Shards of the tiny synthetic dataset (see the module docstring), built once per test session."""
     from irra_dist.data.shards import build_shards
-    from irra_dist.data.synthetic import generate_synthetic_dataset
+    from irra_dist.synthetic.dataset import generate_synthetic_dataset
 
     root = tmp_path_factory.mktemp("tiny_data")
     generate_synthetic_dataset(root / "CUHK-PEDES", num_train_ids=TINY_TRAIN_IDS, num_val_ids=2,

@@ -26,8 +26,8 @@ def _direct_metrics(model, shards: Path) -> dict:
 
 def test_one_row_per_shard_set(tiny_shards: Path, tmp_path: Path, capsys, fresh_accelerate) -> None:
     from irra_dist.data.shards import build_shards
-    from irra_dist.data.synthetic import generate_synthetic_dataset
     from irra_dist.model import build_irra, save_weights_safetensors
+    from irra_dist.synthetic.dataset import generate_synthetic_dataset
 
     # A second population: other people, other captions, another gallery size.
     generate_synthetic_dataset(tmp_path / "other" / "CUHK-PEDES", num_train_ids=3, num_val_ids=1,

@@ -26,7 +26,6 @@ from torchvision import transforms
 from irra_dist.config import config_from_dict, save_config
 from irra_dist.data.parsers import parse_dataset
 from irra_dist.data.shards import build_shards
-from irra_dist.data.synthetic import generate_synthetic_dataset
 from irra_dist.model import IRRA, build_irra, save_weights_safetensors
 from irra_dist.retrieval.index import (
     FEATURES_FILE,
@@ -39,6 +38,7 @@ from irra_dist.retrieval.index import (
     recall_at_k,
 )
 from irra_dist.serving import export_cli, index_cli, query_cli
+from irra_dist.synthetic.dataset import generate_synthetic_dataset
 from irra_dist.tokenizer import tokenize
 
 pytest.importorskip("faiss")

@@ -54,7 +54,7 @@ def two_sources(tmp_path_factory: pytest.TempPathFactory):
     """Two independently generated shard sets (different populations, different sizes) and their parses."""
     from irra_dist.data.parsers import parse_dataset
     from irra_dist.data.shards import build_shards
-    from irra_dist.data.synthetic import generate_synthetic_dataset
+    from irra_dist.synthetic.dataset import generate_synthetic_dataset
 
     out = []
     for name, ids, seed in (("a", 5, 11), ("b", 3, 12)):

@@ -17,7 +17,7 @@ from irra_dist.data import transforms as tr
 from irra_dist.data.parsers import parse_dataset
 from irra_dist.data.pipeline import TrainLoader, build_eval_loaders, derive_seed
 from irra_dist.data.shards import MANIFEST_NAME, ShardError, build_shards
-from irra_dist.data.synthetic import generate_synthetic_dataset
+from irra_dist.synthetic.dataset import generate_synthetic_dataset
 from irra_dist.tokenizer import MASK_ID, tokenize
 
 SIZE = (64, 32)

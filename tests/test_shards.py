@@ -20,7 +20,7 @@ from PIL import Image
 from irra_dist.data import shards
 from irra_dist.data.parsers import parse_dataset
 from irra_dist.data.shards import DEFAULT_SHARD_SIZE, MANIFEST_NAME, ShardError, build_shards, load_manifest
-from irra_dist.data.synthetic import generate_synthetic_dataset
+from irra_dist.synthetic.dataset import generate_synthetic_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 

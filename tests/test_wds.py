@@ -28,8 +28,8 @@ from irra_dist.data.parsers import parse_dataset
 from irra_dist.data.pipeline import TrainLoader, build_eval_loaders
 from irra_dist.data.shards import MANIFEST_NAME, ShardError, build_shards, load_manifest, main
 from irra_dist.data.streaming import StreamTrainLoader
-from irra_dist.data.synthetic import generate_synthetic_dataset
 from irra_dist.engine.runlog import read_metrics
+from irra_dist.synthetic.dataset import generate_synthetic_dataset
 from irra_dist.tokenizer import tokenize
 
 SIZE = (64, 32)

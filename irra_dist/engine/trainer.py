@@ -145,7 +145,7 @@ def build_demo_shards(shards_dir: Path, image_size: tuple[int, int]) -> None:
     import tempfile
 
     from irra_dist.data.shards import build_shards
-    from irra_dist.data.synthetic import generate_synthetic_dataset
+    from irra_dist.synthetic.dataset import generate_synthetic_dataset
 
     shards_dir.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=shards_dir.parent, prefix=f".{shards_dir.name}-raw-") as raw:

@@ -38,7 +38,7 @@ def _gallery(root: Path, num_test_ids: int) -> tuple[Path, int]:
     generate_synthetic_dataset(dataset, num_train_ids=1, num_val_ids=0, num_test_ids=num_test_ids, seed=0,
                                workers=2)
     parsed = parse_dataset("CUHK-PEDES", dataset.parent)
-    build_shards(parsed, None, root / "shards", workers=2, progress=False)
+    build_shards(parsed, None, root / "shards", workers=2)
     return root / "shards", len(parsed.splits["test"])
 
 

@@ -36,7 +36,7 @@ def _build_shards(root: Path) -> Path:
     generate_synthetic_dataset(root / "CUHK-PEDES", num_train_ids=80, num_val_ids=0, num_test_ids=5, seed=1,
                                workers=2)
     out = root / "shards"
-    build_shards("CUHK-PEDES", root, out, progress=False)
+    build_shards("CUHK-PEDES", root, out)
     return out
 
 

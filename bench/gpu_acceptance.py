@@ -166,7 +166,7 @@ def _tiny_shards(work: Path) -> Path:
     if not (out / "manifest.json").is_file():
         generate_synthetic_dataset(work / "raw" / "CUHK-PEDES", num_train_ids=13, num_val_ids=2,
                                    num_test_ids=3, images_per_id=(5, 5), captions_per_image=1, seed=3)
-        build_shards("CUHK-PEDES", work / "raw", out, shard_size=16, workers=1, progress=False)
+        build_shards("CUHK-PEDES", work / "raw", out, shard_size=16, workers=1)
     return out
 
 

@@ -63,7 +63,7 @@ def population_a(out: Path, num_ids: int) -> tuple[Path, Path]:
          "ppm", "--shard-size", "200", "--no-progress", "--overwrite"], out / "build_a.log")
     evaluation = out / "shards_a"
     build_shards(parsed, None, evaluation, pre_resize=IMAGE_SIZE, pre_resize_format="ppm", workers=2,
-                 progress=False, overwrite=True)
+                 overwrite=True)
     return pretrain, evaluation
 
 

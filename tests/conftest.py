@@ -53,7 +53,7 @@ def tiny_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
                                num_test_ids=4, images_per_id=(TINY_IMAGES_PER_ID, TINY_IMAGES_PER_ID),
                                captions_per_image=1, seed=3)
     out = root / "shards"
-    build_shards("CUHK-PEDES", root, out, shard_size=16, workers=2, progress=False)
+    build_shards("CUHK-PEDES", root, out, shard_size=16, workers=2)
     return out
 
 

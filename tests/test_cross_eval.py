@@ -33,7 +33,7 @@ def test_one_row_per_shard_set(tiny_shards: Path, tmp_path: Path, capsys, fresh_
     generate_synthetic_dataset(tmp_path / "other" / "CUHK-PEDES", num_train_ids=3, num_val_ids=1,
                                num_test_ids=6, images_per_id=(3, 3), captions_per_image=2, seed=99)
     other = tmp_path / "other_shards"
-    build_shards("CUHK-PEDES", tmp_path / "other", other, shard_size=8, workers=1, progress=False)
+    build_shards("CUHK-PEDES", tmp_path / "other", other, shard_size=8, workers=1)
 
     torch.manual_seed(0)
     model = build_irra(13, embed_dim=32, image_size=(64, 32), patch_size=16, stride_size=16, vision_width=32,

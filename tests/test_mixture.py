@@ -63,7 +63,7 @@ def two_sources(tmp_path_factory: pytest.TempPathFactory):
                                    images_per_id=(1, 2), captions_per_image=2, seed=seed)
         parsed = parse_dataset("CUHK-PEDES", root)
         shards = tmp_path_factory.mktemp(f"shards_{name}")
-        build_shards(parsed, None, shards, shard_size=3, workers=1, progress=False)
+        build_shards(parsed, None, shards, shard_size=3, workers=1)
         out.append((shards, parsed))
     return out
 

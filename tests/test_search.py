@@ -62,8 +62,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
     generate_synthetic_dataset(dataset, num_train_ids=3, num_val_ids=1, num_test_ids=4, images_per_id=2,
                                seed=0)
     shards = root / "shards"
-    build_shards(parse_dataset("CUHK-PEDES", root / "data"), None, shards, shard_size=3, workers=1,
-                 progress=False)
+    build_shards(parse_dataset("CUHK-PEDES", root / "data"), None, shards, shard_size=3, workers=1)
     torch.manual_seed(0)
     model = build_irra(3, cmt_depth=1, **TINY).eval()
     run = _write_run(root / "run", model, shards)

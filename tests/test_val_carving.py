@@ -13,7 +13,7 @@ import yaml
 from PIL import Image
 
 from irra_dist.data.shards import RecordReader, SplitIndex, load_manifest
-from irra_dist.data.shards import main as build_main
+from irra_dist.engine.build_shards_cli import main as build_main
 
 NUM_TRAIN_IDS, IMAGES_PER_ID, CARVED = 10, 2, 3
 

@@ -152,7 +152,7 @@ def build_demo_shards(shards_dir: Path, image_size: tuple[int, int]) -> None:
         workers = max(1, min(4, os.cpu_count() or 1))
         dataset = generate_synthetic_dataset(Path(raw) / "CUHK-PEDES", workers=workers)
         build_shards("CUHK-PEDES", dataset, shards_dir, pre_resize=tuple(image_size), pre_resize_format="ppm",
-                     workers=workers, progress=False)
+                     workers=workers)
 
 
 def generates_demo_data(cfg: Config) -> bool:

@@ -31,8 +31,8 @@ sys.path.insert(0, str(REPO))
 
 from irra_dist.data.parsers import parse_dataset  # noqa: E402
 from irra_dist.data.shards import build_shards  # noqa: E402
-from irra_dist.data.synthetic import generate_synthetic_dataset  # noqa: E402
 from irra_dist.engine.trainer import build_demo_shards  # noqa: E402
+from irra_dist.synthetic.dataset import generate_synthetic_dataset  # noqa: E402
 
 IMAGE_SIZE = (96, 32)  # the demo recipe's input size
 
@@ -63,7 +63,7 @@ def population_a(out: Path, num_ids: int) -> tuple[Path, Path]:
          "ppm", "--shard-size", "200", "--no-progress", "--overwrite"], out / "build_a.log")
     evaluation = out / "shards_a"
     build_shards(parsed, None, evaluation, pre_resize=IMAGE_SIZE, pre_resize_format="ppm", workers=2,
-                 progress=False, overwrite=True)
+                 overwrite=True)
     return pretrain, evaluation
 
 

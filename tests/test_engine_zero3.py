@@ -72,13 +72,13 @@ def _two_machines(recipe: Path, name: str) -> list[subprocess.CompletedProcess]:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory, launch) -> dict[str, Path]:
     from irra_dist.data.shards import build_shards
-    from irra_dist.data.synthetic import generate_synthetic_dataset
     from irra_dist.engine.trainer import train
+    from irra_dist.synthetic.dataset import generate_synthetic_dataset
 
     tmp = tmp_path_factory.mktemp("zero3")
     generate_synthetic_dataset(tmp / "CUHK-PEDES", num_train_ids=13, num_val_ids=2, num_test_ids=3,
                                images_per_id=(5, 5), captions_per_image=1, seed=3)
-    build_shards("CUHK-PEDES", tmp, tmp / "shards", shard_size=16, workers=2, progress=False)
+    build_shards("CUHK-PEDES", tmp, tmp / "shards", shard_size=16, workers=2)
     recipe = tmp / "tiny.yaml"
     data = {**TINY_RECIPE["data"], "shards": str(tmp / "shards")}
     train_section = {**TINY_RECIPE["train"], "output_dir": str(tmp / "runs")}

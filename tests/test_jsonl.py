@@ -162,7 +162,7 @@ def test_own_photos_build_train_evaluate_and_search(tmp_path: Path, tiny_recipe:
 
     from irra_dist.config import load_config
     from irra_dist.data.shards import MANIFEST_NAME
-    from irra_dist.data.shards import main as build_main
+    from irra_dist.engine.build_shards_cli import main as build_main
     from irra_dist.engine.cli import evaluate_main
     from irra_dist.engine.trainer import train
     from irra_dist.serving.query_cli import main as search_main
@@ -198,7 +198,7 @@ def test_own_photos_build_train_evaluate_and_search(tmp_path: Path, tiny_recipe:
 def test_bad_jsonl_input_exits_2_with_one_line_and_writes_no_manifest(photos: Path, tmp_path: Path,
                                                                        capsys) -> None:
     from irra_dist.data.shards import MANIFEST_NAME
-    from irra_dist.data.shards import main as build_main
+    from irra_dist.engine.build_shards_cli import main as build_main
 
     ann = _write(tmp_path / "bad.jsonl", [{"image": "cam1/a.jpg", "captions": ["x"], "pid": 1},
                                           {"image": "nowhere/z.png", "captions": ["y"], "pid": 2}])
@@ -218,7 +218,7 @@ def test_bad_jsonl_input_exits_2_with_one_line_and_writes_no_manifest(photos: Pa
 def test_without_pids_the_trainer_turns_the_id_loss_off(photos: Path, tmp_path: Path, tiny_recipe: Path,
                                                          fresh_accelerate) -> None:
     from irra_dist.config import load_config
-    from irra_dist.data.shards import main as build_main
+    from irra_dist.engine.build_shards_cli import main as build_main
     from irra_dist.engine.runlog import read_metrics
     from irra_dist.engine.trainer import train
 

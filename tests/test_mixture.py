@@ -54,7 +54,7 @@ def two_sources(tmp_path_factory: pytest.TempPathFactory):
     """Two independently generated shard sets (different populations, different sizes) and their parses."""
     from irra_dist.data.parsers import parse_dataset
     from irra_dist.data.shards import build_shards
-    from irra_dist.data.synthetic import generate_synthetic_dataset
+    from irra_dist.synthetic.dataset import generate_synthetic_dataset
 
     out = []
     for name, ids, seed in (("a", 5, 11), ("b", 3, 12)):
@@ -63,7 +63,7 @@ def two_sources(tmp_path_factory: pytest.TempPathFactory):
                                    images_per_id=(1, 2), captions_per_image=2, seed=seed)
         parsed = parse_dataset("CUHK-PEDES", root)
         shards = tmp_path_factory.mktemp(f"shards_{name}")
-        build_shards(parsed, None, shards, shard_size=3, workers=1, progress=False)
+        build_shards(parsed, None, shards, shard_size=3, workers=1)
         out.append((shards, parsed))
     return out
 

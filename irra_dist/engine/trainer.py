@@ -69,7 +69,7 @@ from irra_dist.evaluation.selection import RULE_TITLES, select_results
 from irra_dist.losses import irra_accuracies, irra_losses
 from irra_dist.model import CheckpointError
 from irra_dist.optim import build_lr_scheduler, build_optimizer
-from irra_dist.search import RetrievalExamples
+from irra_dist.retrieval.examples import RetrievalExamples
 
 logger = logging.getLogger(__name__)
 
@@ -145,14 +145,14 @@ def build_demo_shards(shards_dir: Path, image_size: tuple[int, int]) -> None:
     import tempfile
 
     from irra_dist.data.shards import build_shards
-    from irra_dist.data.synthetic import generate_synthetic_dataset
+    from irra_dist.synthetic.dataset import generate_synthetic_dataset
 
     shards_dir.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=shards_dir.parent, prefix=f".{shards_dir.name}-raw-") as raw:
         workers = max(1, min(4, os.cpu_count() or 1))
         dataset = generate_synthetic_dataset(Path(raw) / "CUHK-PEDES", workers=workers)
         build_shards("CUHK-PEDES", dataset, shards_dir, pre_resize=tuple(image_size), pre_resize_format="ppm",
-                     workers=workers, progress=False)
+                     workers=workers)
 
 
 def generates_demo_data(cfg: Config) -> bool:

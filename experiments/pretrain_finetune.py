@@ -59,7 +59,8 @@ def population_a(out: Path, num_ids: int) -> tuple[Path, Path]:
             f.write(json.dumps({"image": record.rel_path, "captions": list(record.captions)}) + "\n")
     pretrain = out / "shards_a_noid"
     run(["irra-build-shards", "--dataset", "jsonl", "--ann", str(ann),
-         "--images", str(raw / "imgs"), "--out", str(pretrain), "--pre-resize", "96x32", "--pre-resize-format",
+         "--images", str(raw / "imgs"), "--out", str(pretrain), "--pre-resize", "96x32",
+         "--pre-resize-format",
          "ppm", "--shard-size", "200", "--no-progress", "--overwrite"], out / "build_a.log")
     evaluation = out / "shards_a"
     build_shards(parsed, None, evaluation, pre_resize=IMAGE_SIZE, pre_resize_format="ppm", workers=2,
@@ -85,7 +86,8 @@ def main() -> int:
     train = ["accelerate", "launch", "--num_processes", "1", "launch/train.py", "--config", "demo",
              "--no-wandb", f"train.output_dir={out / 'runs'}"]
     timings = {}
-    timings["pretrain"] = run([*train, "train.run_name=pretrain", f"data.shards={shards_a}", "data.mode=stream",
+    timings["pretrain"] = run([*train, "train.run_name=pretrain", f"data.shards={shards_a}",
+                               "data.mode=stream",
                                "loss.names=[sdm,mlm]", "eval.eval_period=0",
                                f"train.num_epochs={args.pretrain_epochs}"], out / "pretrain.log")
     finetune = [f"data.shards={shards_b}", f"train.num_epochs={args.finetune_epochs}"]
@@ -95,7 +97,8 @@ def main() -> int:
     results = {}
     for name in ("finetune", "scratch"):
         table = out / f"cross_{name}.json"
-        run(["irra-eval", str(out / "runs" / name), "--shards", str(shards_b), str(eval_a), "--num-workers", "1",
+        run(["irra-eval", str(out / "runs" / name), "--shards", str(shards_b), str(eval_a),
+             "--num-workers", "1",
              "--out", str(table)], out / f"eval_{name}.log")
         results[name] = json.loads(table.read_text())
     print(f"\npretrain {timings['pretrain']:.0f} s, fine-tune {timings['finetune']:.0f} s, "

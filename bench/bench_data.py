@@ -45,8 +45,8 @@ from irra_dist.data import transforms as tr
 from irra_dist.data.parsers import ParsedDataset, parse_dataset
 from irra_dist.data.pipeline import TrainLoader
 from irra_dist.data.shards import build_shards
-from irra_dist.data.synthetic import generate_synthetic_dataset
 from irra_dist.masking import mask_tokens
+from irra_dist.synthetic.dataset import generate_synthetic_dataset
 from irra_dist.tokenizer import default_tokenizer, tokenize
 
 IMAGE_SIZE = (384, 128)
@@ -67,7 +67,7 @@ def build(root, out):
     parsed = parse_dataset("CUHK-PEDES", root)
     n = sum(len(r) for r in parsed.splits.values())
     start = time.process_time()
-    build_shards(parsed, None, out, workers=1, progress=False, overwrite=True)
+    build_shards(parsed, None, out, workers=1, overwrite=True)
     return n / (time.process_time() - start)
 
 def read(what, shards, limit, cache):
@@ -136,7 +136,7 @@ def _samples_per_s(batches, limit: int) -> float:
 def _build_rate(parsed: ParsedDataset, out: Path, **kwargs) -> float:
     images = sum(len(r) for r in parsed.splits.values())
     start = time.perf_counter()
-    build_shards(parsed, None, out, progress=False, overwrite=True, **kwargs)
+    build_shards(parsed, None, out, overwrite=True, **kwargs)
     return images / (time.perf_counter() - start)
 
 

@@ -25,9 +25,9 @@ from common import bench_main
 from irra_dist.config import load_config, save_config
 from irra_dist.data.parsers import parse_dataset
 from irra_dist.data.shards import build_shards
-from irra_dist.data.synthetic import generate_synthetic_dataset
 from irra_dist.model import build_irra_from_config, save_weights_safetensors
 from irra_dist.search import main as search_main
+from irra_dist.synthetic.dataset import generate_synthetic_dataset
 
 QUERY = "a woman wearing a red coat and black trousers, carrying a blue backpack"
 
@@ -38,7 +38,7 @@ def _gallery(root: Path, num_test_ids: int) -> tuple[Path, int]:
     generate_synthetic_dataset(dataset, num_train_ids=1, num_val_ids=0, num_test_ids=num_test_ids, seed=0,
                                workers=2)
     parsed = parse_dataset("CUHK-PEDES", dataset.parent)
-    build_shards(parsed, None, root / "shards", workers=2, progress=False)
+    build_shards(parsed, None, root / "shards", workers=2)
     return root / "shards", len(parsed.splits["test"])
 
 

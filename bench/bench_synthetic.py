@@ -15,7 +15,7 @@ from pathlib import Path
 
 from common import bench_main
 
-from irra_dist.data.synthetic import generate_synthetic_dataset
+from irra_dist.synthetic.dataset import generate_synthetic_dataset
 
 TARGET_IMAGES_PER_S = 500.0
 

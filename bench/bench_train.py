@@ -31,12 +31,12 @@ QUICK_GLOBAL_BATCH = 16
 
 def _build_shards(root: Path) -> Path:
     from irra_dist.data.shards import build_shards
-    from irra_dist.data.synthetic import generate_synthetic_dataset
+    from irra_dist.synthetic.dataset import generate_synthetic_dataset
 
     generate_synthetic_dataset(root / "CUHK-PEDES", num_train_ids=80, num_val_ids=0, num_test_ids=5, seed=1,
                                workers=2)
     out = root / "shards"
-    build_shards("CUHK-PEDES", root, out, progress=False)
+    build_shards("CUHK-PEDES", root, out)
     return out
 
 

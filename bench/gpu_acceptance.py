@@ -160,13 +160,13 @@ def _demo_overrides(plan: Plan, work: Path, shards: Path) -> list[str]:
 def _tiny_shards(work: Path) -> Path:
     """A tiny synthetic shard set for the dry run (13 training identities, 3 test identities)."""
     from irra_dist.data.shards import build_shards
-    from irra_dist.data.synthetic import generate_synthetic_dataset
+    from irra_dist.synthetic.dataset import generate_synthetic_dataset
 
     out = work / "shards"
     if not (out / "manifest.json").is_file():
         generate_synthetic_dataset(work / "raw" / "CUHK-PEDES", num_train_ids=13, num_val_ids=2,
                                    num_test_ids=3, images_per_id=(5, 5), captions_per_image=1, seed=3)
-        build_shards("CUHK-PEDES", work / "raw", out, shard_size=16, workers=1, progress=False)
+        build_shards("CUHK-PEDES", work / "raw", out, shard_size=16, workers=1)
     return out
 
 

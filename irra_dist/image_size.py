@@ -1,11 +1,11 @@
-"""The one image-size form: a ``(height, width)`` tuple of positive ints, written ``HxW`` on command lines.
+"""The one image-size form: a ``(height, width)`` tuple of positive ints, written ``HxW`` on command lines
+(whose argparse type, :func:`irra_dist.engine.cli.image_size_arg`, wraps :func:`parse_image_size`).
 
 Imports only the standard library, so the torch-free query path can use it.
 """
 
 from __future__ import annotations
 
-import argparse
 import numbers
 import re
 from collections.abc import Sequence
@@ -35,10 +35,3 @@ def parse_image_size(value: str | Sequence[int], what: str = "image size") -> tu
         raise ValueError(f"cannot read {what} {value!r}: write it as HxW (height x width), e.g. 384x128")
     return pair
 
-
-def image_size_arg(text: str) -> tuple[int, int]:
-    """argparse ``type=`` of every ``HxW`` option: ``--image-size``, ``--thumb-size``, ``--pre-resize``."""
-    try:
-        return parse_image_size(text, "size")
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(str(err)) from None

@@ -1,31 +1,20 @@
-"""Free-text person search with a trained IRRA model, and the ``irra-search`` command.
+"""Free-text person search with a trained IRRA model: loading the model, and the ``irra-search`` command.
 
 A query text goes through the text tower; the gallery images through the image tower, once: their features
-are cached on disk under ``<cache>/gallery_<key>.safetensors``, keyed by the SHA-256 of the weights file,
-the gallery's content (the shard manifest plus split, or the names, sizes and mtimes of a folder's images)
-and the input size, so the next query against the same gallery only encodes the text. Similarity is the
-cosine of the global features, as in evaluation (IRRA_SPEC 5).
-
-Two kinds of gallery:
-
-- a shard set (a folder with ``manifest.json``, see :mod:`irra_dist.data.shards`): one split's images,
-  person ids known, so each hit is marked correct or wrong against the query's pid;
-- a plain folder of images (searched recursively, sorted by relative path): pids unknown.
+are cached on disk (:mod:`irra_dist.retrieval.cache`), so the next query against the same gallery only
+encodes the text. The gallery is one split of a shard set, pids known, or a plain folder of images
+(:mod:`irra_dist.retrieval.gallery`); the ranking is the cosine of the global features, as in evaluation
+(:mod:`irra_dist.retrieval.ranking`, IRRA_SPEC 5).
 
 All queries of one call go into ONE PNG, a row per query (:func:`irra_dist.visualize.render_retrieval_grid`),
 by default ``<run or checkpoint folder>/search_<slug of the first query>[_and_<n>_more].png``; the top-k are
 also printed as a table (score, and pid plus correct/wrong when known).
-
-:class:`RetrievalExamples` is the trainer's hook: after each evaluation it draws a few fixed test queries
-against the gallery features the evaluation just computed.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import hashlib
-import json
 import logging
 import os
 import re
@@ -33,52 +22,34 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
 
-import numpy as np
 import torch
-import yaml
-from PIL import Image
-from torch.utils.data import DataLoader, Dataset
 
-from irra_dist.config import ConfigError, ModelConfig, config_from_dict
-from irra_dist.data.pipeline import build_eval_loaders
-from irra_dist.data.shards import (
-    MANIFEST_NAME,
-    RecordError,
-    RecordReader,
-    ShardError,
-    SplitIndex,
-    load_manifest,
+from irra_dist.config import ConfigError
+from irra_dist.data.shards import MANIFEST_NAME, ShardError
+from irra_dist.engine.cli import image_size_arg
+from irra_dist.fileio import atomic_write_bytes, file_sha256
+from irra_dist.model import IRRA, CheckpointError
+from irra_dist.model.weights import CONFIG_FILE, WEIGHTS_CHOICES, WEIGHTS_FILE, load_model
+from irra_dist.retrieval.cache import cached_gallery_features
+from irra_dist.retrieval.gallery import (  # noqa: F401 (FolderGallery: irra_dist.serving imports it from here)
+    FolderGallery,
+    ShardGallery,
+    open_gallery,
+    split_caption_queries,
 )
-from irra_dist.data.transforms import DECODE_ERRORS, decode_image, test_transform
-from irra_dist.fileio import atomic_write, atomic_write_bytes, file_sha256
-from irra_dist.image_size import image_size_arg
-from irra_dist.model import IRRA, CheckpointError, build_irra_from_config, load_irra_weights
-from irra_dist.model.clip import load_into
+from irra_dist.retrieval.ranking import search
 from irra_dist.retrieval.results import (  # noqa: F401 (format_results, slugify: part of this module's API)
-    QueryResult,
     default_out_path,
     format_results,
     render_results,
     slugify,
 )
-from irra_dist.tokenizer import TokenizerError, tokenize
-from irra_dist.visualize import (
-    FixedQueries,
-    VisualizeError,
-    save_retrieval_examples,
-    top_k_matches,
-)
+from irra_dist.tokenizer import TokenizerError
+from irra_dist.visualize import VisualizeError
 
 logger = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff")
-CACHE_VERSION = 1
-"""Part of the cache key: bump it when the cached features would change for the same inputs."""
-RUN_CONFIG = "config.yaml"
-RUN_WEIGHTS = "model.safetensors"
-RUN_BEST_WEIGHTS = "best.safetensors"
 EXIT_BAD_INPUT = 2
 
 
@@ -96,6 +67,7 @@ class SearchModel:
 
     model: IRRA
     weights_path: Path
+    """The file whose SHA-256 identifies the weights (gallery cache and index keys)."""
     image_size: tuple[int, int]
     home: Path
     """The run folder, or the checkpoint's folder: default place for the PNG and the feature cache."""
@@ -107,15 +79,17 @@ class SearchModel:
 def load_search_model(run: str | os.PathLike | None = None, checkpoint: str | os.PathLike | None = None,
                       *, weights: str = "best", image_size: tuple[int, int] | None = None,
                       stride_size: int | None = None) -> SearchModel:
-    """Load IRRA from a run folder or from one weights file.
+    """Load IRRA from a run folder or from one weights file (:func:`irra_dist.model.weights.load_model`).
 
     Args:
-        run: a run folder written by the trainer (config.yaml plus best.safetensors / model.safetensors).
-        checkpoint: a safetensors export (ours), or an official IRRA ``best.pth``.
+        run: a run folder written by the trainer (config.yaml plus best.safetensors / model.safetensors, or
+            its checkpoints), or a checkpoint folder.
+        checkpoint: a weights file: a safetensors export (ours), an official IRRA ``best.pth``, an OpenAI
+            CLIP file.
         weights: for a run folder, "best" (best.safetensors when it exists, else model.safetensors) or
             "last" (model.safetensors), as ``irra-eval --weights``.
-        image_size: (height, width) override; by default the run's ``model.image_size``, the config or
-            size stored in the safetensors metadata, or the official 384x128.
+        image_size: (height, width) override; by default the size the weights record (official files: the
+            official 384x128).
         stride_size: patch stride override, found the same way (default 16).
 
     Returns:
@@ -127,91 +101,29 @@ def load_search_model(run: str | os.PathLike | None = None, checkpoint: str | os
     """
     if (run is None) == (checkpoint is None):
         raise SearchError("pass exactly one of --run RUN_DIR or --checkpoint FILE")
-    if weights not in ("best", "last"):
+    if weights not in WEIGHTS_CHOICES:
         raise SearchError(f"weights must be 'best' or 'last', got {weights!r}")
-    default_gallery, default_split = None, "test"
-    if run is not None:
-        home = Path(run)
-        if not home.is_dir():
-            raise SearchError(f"run folder not found: {home} (pass --run with a folder holding {RUN_CONFIG} "
-                              f"and {RUN_WEIGHTS})")
-        best = home / RUN_BEST_WEIGHTS
-        file = best if weights == "best" and best.is_file() else home / RUN_WEIGHTS
-        for path in (home / RUN_CONFIG, file):
-            if not path.is_file():
-                raise SearchError(f"{home} has no {path.name}: pass a run folder in which an epoch finished, "
-                                  "or a weights file with --checkpoint FILE")
+    target = Path(run if run is not None else checkpoint)
+    if run is not None and not target.is_dir():
+        raise SearchError(f"run folder not found: {target} (pass --run with a folder holding {CONFIG_FILE} "
+                          f"and {WEIGHTS_FILE})")
+    if checkpoint is not None and not target.exists():
+        raise SearchError(f"checkpoint not found: {target} (pass a .safetensors export or an official IRRA "
+                          "best.pth)")
+    loaded = load_model(target, weights=weights, image_size=image_size, stride_size=stride_size)
+    run_dir = loaded.source.run_dir
+    home = run_dir or (target if target.is_dir() else target.parent)
+    default_gallery = None
+    if run_dir is not None:
         from irra_dist.engine.runfolder import load_run_config
 
-        cfg = load_run_config(home)
-        model_cfg = cfg.model
-        shards = Path(cfg.data.shards)
+        shards = Path(load_run_config(run_dir).eval_shards())
         default_gallery = shards if (shards / MANIFEST_NAME).is_file() else None
-        # The test split is the evaluation gallery; val (where runs now select) is often a small carve-out.
-        default_split = "test"
-    else:
-        file = Path(checkpoint)
-        if not file.is_file():
-            raise SearchError(f"checkpoint not found: {file} (pass a .safetensors export or an official IRRA "
-                              "best.pth)")
-        home = file.parent
-        model_cfg = _embedded_model_config(file)
-    model = _load_weights(file, model_cfg, image_size, stride_size).eval()
+    model = loaded.model.eval()
     size = model.base_model.visual.image_size
-    return SearchModel(model, file, (int(size[0]), int(size[1])), home, default_gallery, default_split)
-
-
-def _embedded_model_config(path: Path) -> ModelConfig | None:
-    """The model section of the run config that the trainer stores in its safetensors exports, if any."""
-    if path.suffix != ".safetensors":
-        return None
-    from safetensors import SafetensorError, safe_open
-
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            text = (f.metadata() or {}).get("config")
-    except (SafetensorError, OSError):
-        return None  # the loader reports the unreadable file
-    if not text:
-        return None
-    try:
-        return config_from_dict(yaml.safe_load(text)).model
-    except (ConfigError, yaml.YAMLError) as err:
-        logger.warning("ignoring the config stored in %s (%s); reading the model's shape from its tensors",
-                       path, err)
-        return None
-
-
-def _load_weights(file: Path, cfg: ModelConfig | None, image_size: tuple[int, int] | None,
-                  stride_size: int | None) -> IRRA:
-    """The model in `file`: built from its run config when the towers were random-init, else from the tensors.
-
-    Tower sizes can be read from the tensors but head counts cannot (that inference assumes CLIP's 64-wide
-    heads), so a random-init model (``model.pretrained: none``, e.g. the demo's) is built from its config.
-    """
-    if cfg is None:
-        return load_irra_weights(file, image_size=image_size, stride_size=stride_size)
-    image_size = tuple(image_size or cfg.image_size)
-    stride_size = stride_size or cfg.stride_size
-    if cfg.pretrained.lower() != "none" or file.suffix != ".safetensors":
-        return load_irra_weights(file, image_size=image_size, stride_size=stride_size,
-                                 temperature=cfg.temperature)
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    try:
-        state_dict = load_file(str(file))
-    except (SafetensorError, OSError, ValueError) as err:
-        raise CheckpointError(f"cannot read {file}: truncated or not a safetensors file ({err}); "
-                              "re-export the run's weights") from None
-    num_classes = state_dict["classifier.weight"].shape[0] if "classifier.weight" in state_dict else 0
-    model_cfg = dataclasses.replace(cfg, image_size=image_size, stride_size=stride_size)
-    with torch.device("meta"):
-        model = build_irra_from_config(model_cfg, num_classes, with_mlm="mlm_head.fc.weight" in state_dict)
-    load_into(model, state_dict, str(file))
-    # The fixed logit scale is a non-persistent buffer: not in the file, so rebuild it off the meta device.
-    model.logit_scale = torch.tensor(1.0 / cfg.temperature)
-    return model
+    # The test split is the evaluation gallery; val (where runs now select) is often a small carve-out.
+    return SearchModel(model, loaded.source.digest_file, (int(size[0]), int(size[1])), home, default_gallery,
+                       "test")
 
 
 def file_digest(path: Path, memo_dir: Path | None = None) -> str:
@@ -237,442 +149,6 @@ def file_digest(path: Path, memo_dir: Path | None = None) -> str:
     if memo is not None:
         atomic_write_bytes(memo, hexdigest.encode() + b"\n")
     return hexdigest
-
-
-# --------------------------------------------------------------------------------------------------
-# Galleries
-
-
-class Gallery(Protocol):
-    """What search needs from a gallery."""
-
-    content_key: str
-    """Changes whenever the images (or their order) may have changed."""
-    pids: torch.Tensor | None
-    """LongTensor[G] of person ids, or None when unknown."""
-
-    def __len__(self) -> int: ...
-
-    def names(self, indices: Sequence[int]) -> list[str]:
-        """A printable name of each image (relative path)."""
-        ...
-
-    def load_images(self, indices: Sequence[int]) -> list[Image.Image]:
-        """The decoded RGB images, in the order asked."""
-        ...
-
-    def encode(self, model: IRRA, image_size: tuple[int, int], *, batch_size: int, num_workers: int,
-               device: torch.device) -> torch.Tensor:
-        """Image features [G, D] (fp32, not normalised) in gallery order; unreadable images are dropped from
-        the gallery (see :meth:`drop`) and left out."""
-        ...
-
-    def drop(self, names: Sequence[str]) -> None:
-        """Leave the images with these names out of the gallery (unreadable ones, as training does)."""
-        ...
-
-
-def _drop_positions(names: Sequence[str], unwanted: Sequence[str]) -> np.ndarray:
-    """Positions to keep: those whose name is not in `unwanted`."""
-    unwanted = set(unwanted)
-    return np.array([i for i, name in enumerate(names) if name not in unwanted], dtype=np.int64)
-
-
-def _warn_skipped(skipped: Sequence[str], where: str) -> None:
-    if skipped:
-        more = f" and {len(skipped) - 1} more" if len(skipped) > 1 else ""
-        logger.warning("skipped %d unreadable image(s) in %s (%s%s): searching the other images",
-                       len(skipped), where, skipped[0], more)
-
-
-class ShardGallery:
-    """One split of a shard set, read by gallery index (the record's position in its split).
-
-    Args:
-        shards_dir: folder with ``manifest.json``.
-        split: "test" or "val" (any split in the manifest).
-    """
-
-    def __init__(self, shards_dir: str | os.PathLike, split: str = "test") -> None:
-        self.shards_dir = Path(shards_dir)
-        self.split = split
-        manifest = load_manifest(self.shards_dir, verify="size")
-        self.index = SplitIndex.load(self.shards_dir, manifest, split)
-        self._reader = RecordReader(self.index)
-        manifest_sha = hashlib.sha256((self.shards_dir / MANIFEST_NAME).read_bytes()).hexdigest()
-        self.content_key = f"shards:{manifest_sha}:{split}"
-        self.records = np.arange(len(self.index))
-        """Gallery position -> record of the split (records that could not be read are dropped)."""
-        self.pids = torch.from_numpy(self.index.pid.copy())
-        self.skipped: list[str] = []
-
-    def __len__(self) -> int:
-        return len(self.records)
-
-    def _record_name(self, record: int) -> str:
-        return f"{self.split}#{record}"
-
-    def drop(self, names: Sequence[str]) -> None:
-        keep = _drop_positions([self._record_name(int(r)) for r in self.records], names)
-        self.records = self.records[keep]
-        self.pids = torch.from_numpy(self.index.pid[self.records].copy())
-        self.skipped = list(names)
-
-    def _json(self, record: int) -> dict[str, Any]:
-        try:
-            return self._reader.read_json(record)
-        except (RecordError, OSError, ValueError) as err:
-            raise SearchError(f"{self.split} record {record} of {self.shards_dir} is unreadable ({err}): "
-                              "rebuild the shards with irra-build-shards") from None
-
-    def names(self, indices: Sequence[int]) -> list[str]:
-        records = [int(self.records[int(i)]) for i in indices]
-        return [str(self._json(r).get("rel_path", self._record_name(r))) for r in records]
-
-    def load_images(self, indices: Sequence[int]) -> list[Image.Image]:
-        images = []
-        for i in indices:
-            record = int(self.records[int(i)])
-            try:
-                images.append(decode_image(self._reader.read(record)[0]))
-            except (*DECODE_ERRORS, RecordError) as err:
-                raise SearchError(f"{self.split} gallery image {record} of {self.shards_dir} is unreadable "
-                                  f"({err}): rebuild the shards with irra-build-shards") from None
-        return images
-
-    @torch.no_grad()
-    def encode(self, model: IRRA, image_size: tuple[int, int], *, batch_size: int, num_workers: int,
-               device: torch.device) -> torch.Tensor:
-        gallery, _ = build_eval_loaders(self.shards_dir, self.split, batch_size=batch_size,
-                                        num_workers=num_workers, image_size=image_size, verify="none",
-                                        pin_memory=device.type == "cuda")
-        feats = torch.empty(len(self.index), model.embed_dim, device=device)
-        seen = torch.zeros(len(self.index), dtype=torch.bool, device=device)
-        for batch in gallery:
-            images = batch["images"].to(device, non_blocking=True)
-            index = batch["index"].to(device)
-            feats[index] = model.encode_image(images)
-            seen[index] = True
-        missing = [self._record_name(r) for r in (~seen).nonzero().flatten().tolist()]
-        if missing:
-            self.drop(missing)
-            _warn_skipped(missing, f"the {self.split} split of {self.shards_dir}")
-        return feats[torch.from_numpy(self.records).to(device)]
-
-
-class _FolderDataset(Dataset):
-    def __init__(self, paths: list[Path], image_size: tuple[int, int]) -> None:
-        self.paths, self.image_size = paths, image_size
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, bool]:
-        # A bad file is flagged rather than raised: exceptions from DataLoader workers come back as
-        # multi-line tracebacks, and the caller wants one line naming the file.
-        try:
-            image = decode_image(self.paths[i].read_bytes())
-        except DECODE_ERRORS:
-            return torch.zeros(3, *self.image_size), False
-        return test_transform(image, self.image_size), True
-
-
-class FolderGallery:
-    """The images under a folder (recursively, hidden files skipped), sorted by relative path.
-
-    Args:
-        root: the folder.
-
-    Raises:
-        SearchError: no such folder, or no image files in it.
-    """
-
-    def __init__(self, root: str | os.PathLike) -> None:
-        self.root = Path(root)
-        if not self.root.is_dir():
-            raise SearchError(f"gallery folder not found: {self.root} (pass --gallery with a shard set or a "
-                              "folder of images)")
-        rels = sorted(p.relative_to(self.root).as_posix() for p in self.root.rglob("*")
-                      if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
-                      and not any(part.startswith(".") for part in p.relative_to(self.root).parts))
-        if not rels:
-            raise SearchError(f"no images in {self.root} (looked for {', '.join(IMAGE_SUFFIXES)}): pass a "
-                              "folder holding images, or a shard set folder with manifest.json")
-        self.rel_paths = rels
-        self.paths = [self.root / r for r in rels]
-        listing = hashlib.sha256()
-        for rel, path in zip(rels, self.paths):
-            st = path.stat()
-            listing.update(f"{rel}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
-        self.content_key = f"folder:{listing.hexdigest()}"
-        self.pids = None
-        self.skipped: list[str] = []
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def drop(self, names: Sequence[str]) -> None:
-        keep = _drop_positions(self.rel_paths, names).tolist()
-        self.rel_paths = [self.rel_paths[i] for i in keep]
-        self.paths = [self.paths[i] for i in keep]
-        self.skipped = list(names)
-
-    def names(self, indices: Sequence[int]) -> list[str]:
-        return [self.rel_paths[int(i)] for i in indices]
-
-    def load_images(self, indices: Sequence[int]) -> list[Image.Image]:
-        images = []
-        for i in indices:
-            path = self.paths[int(i)]
-            try:
-                images.append(decode_image(path.read_bytes()))
-            except DECODE_ERRORS as err:
-                raise SearchError(f"cannot read image {path} ({err}): remove or replace it") from None
-        return images
-
-    @torch.no_grad()
-    def encode(self, model: IRRA, image_size: tuple[int, int], *, batch_size: int, num_workers: int,
-               device: torch.device) -> torch.Tensor:
-        loader = DataLoader(_FolderDataset(self.paths, image_size), batch_size=batch_size,
-                            num_workers=num_workers, pin_memory=device.type == "cuda")
-        feats, ok = [], []
-        for images, good in loader:
-            feats.append(model.encode_image(images.to(device, non_blocking=True)))
-            ok.append(good)
-        good = torch.cat(ok)
-        bad = [self.rel_paths[i] for i in (~good).nonzero().flatten().tolist()]
-        if len(bad) == len(self.paths):
-            raise SearchError(f"none of the {len(bad)} images in {self.root} could be read: pass a folder of "
-                              "JPEG/PNG images")
-        if bad:
-            self.drop(bad)
-            _warn_skipped(bad, str(self.root))
-        return torch.cat(feats)[good.to(feats[0].device)]
-
-
-def open_gallery(path: str | os.PathLike, split: str = "test") -> ShardGallery | FolderGallery:
-    """A shard set when `path` holds ``manifest.json``, otherwise a folder of images."""
-    path = Path(path)
-    if (path / MANIFEST_NAME).is_file():
-        return ShardGallery(path, split)
-    return FolderGallery(path)
-
-
-def split_caption_queries(shards_dir: str | os.PathLike, split: str = "test", num: int = 4) -> FixedQueries:
-    """The first caption of each of the first `num` distinct pids of a split, in record order.
-
-    Used for the trainer's fixed retrieval examples and for ``irra-search --from-split-captions N``; only
-    the json members of the chosen records are read. ``query_index`` is each caption's position in the
-    evaluation's query list (every caption of the split, record by record).
-
-    Raises:
-        ShardError: the shard set or split cannot be read.
-    """
-    index = SplitIndex.load(shards_dir, load_manifest(shards_dir, verify="none"), split)
-    first_query = np.cumsum(index.num_captions) - index.num_captions
-    reader = RecordReader(index)
-    texts, pids, positions, seen = [], [], [], set()
-    for record, pid in enumerate(index.pid.tolist()):
-        if len(texts) == num:
-            break
-        if pid in seen or index.num_captions[record] == 0:
-            continue
-        seen.add(pid)
-        texts.append(reader.read_json(record)["captions"][0])
-        pids.append(pid)
-        positions.append(int(first_query[record]))
-    reader.close()
-    return FixedQueries(texts, torch.tensor(pids, dtype=torch.int64), tokenize(texts).view(len(texts), -1),
-                        torch.tensor(positions, dtype=torch.int64))
-
-
-class RetrievalExamples:
-    """The trainer's retrieval grid after each evaluation: fixed queries of the evaluation split, their top-k.
-
-    Built once per run on the main process; :meth:`save` then reuses what the evaluation just computed
-    (gathered gallery and query features), so it costs a top-k and reading the few top-k images.
-
-    Args:
-        shards_dir: the run's shard set.
-        split: the evaluation split.
-        num_queries: fixed queries: the first caption of each of the first `num_queries` distinct pids.
-        top_k: images per query.
-        thumb_size: (height, width) of each thumbnail.
-    """
-
-    def __init__(self, shards_dir: str | os.PathLike, split: str = "test", *, num_queries: int = 4,
-                 top_k: int = 5, thumb_size: tuple[int, int] = (128, 48)) -> None:
-        self.gallery = ShardGallery(shards_dir, split)
-        self.queries = split_caption_queries(shards_dir, split, num_queries)
-        self.top_k = top_k
-        self.thumb_size = thumb_size
-
-    def save(self, out_path: str | os.PathLike, gallery_feats: torch.Tensor, gallery_pids: torch.Tensor,
-             gallery_index: torch.Tensor, query_feats: torch.Tensor,
-             query_index: torch.Tensor) -> Path | None:
-        """Draw the fixed queries' top-k as a PNG.
-
-        Args:
-            out_path: the PNG (written atomically).
-            gallery_feats: [G, D] the evaluation's gallery features (rows in any order).
-            gallery_pids: [G] their pids.
-            gallery_index: [G] their gallery indices (the loaders' ``index``).
-            query_feats: [N, D] the evaluation's query features.
-            query_index: [N] their query indices.
-
-        Returns:
-            The path written, or None when none of the fixed queries is among the evaluated ones.
-        """
-        wanted = self.queries.query_index.to(query_index.device)
-        match = query_index.view(1, -1) == wanted.view(-1, 1)
-        found = match.any(dim=1).cpu()
-        if not found.any():
-            return None
-        rows = match.int().argmax(dim=1)[found.to(match.device)]
-        keep = found.nonzero().flatten()
-        queries = FixedQueries([self.queries.texts[i] for i in keep.tolist()], self.queries.pids[keep],
-                               self.queries.caption_ids[keep], self.queries.query_index[keep])
-        return save_retrieval_examples(None, gallery_feats, gallery_pids, self.gallery.load_images, queries,
-                                       out_path, top_k=self.top_k, thumb_size=self.thumb_size,
-                                       gallery_index=gallery_index, query_feats=query_feats[rows])
-
-
-# --------------------------------------------------------------------------------------------------
-# Cached gallery features
-
-
-def gallery_cache_path(cache_dir: Path, weights_sha256: str, gallery: Gallery,
-                       image_size: tuple[int, int]) -> Path:
-    """The cache file of one (weights, gallery content, input size) combination."""
-    key = json.dumps({"version": CACHE_VERSION, "weights": weights_sha256, "gallery": gallery.content_key,
-                      "image_size": list(image_size)}, sort_keys=True)
-    return cache_dir / f"gallery_{hashlib.sha256(key.encode()).hexdigest()[:24]}.safetensors"
-
-
-def _read_cache(path: Path, gallery: Gallery) -> torch.Tensor | None:
-    """The cached features, with the gallery's unreadable images (recorded with them) dropped from it."""
-    from safetensors import SafetensorError, safe_open
-
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            feats = f.get_tensor("feats")
-            skipped = json.loads((f.metadata() or {}).get("skipped", "[]"))
-    except (SafetensorError, OSError, KeyError, ValueError) as err:
-        logger.warning("ignoring unreadable gallery cache %s (%s); recomputing", path, err)
-        return None
-    num_images = len(gallery) - len(skipped)
-    if feats.ndim != 2 or feats.shape[0] != num_images:
-        logger.warning("ignoring gallery cache %s: %s features for %d images; recomputing", path,
-                       tuple(feats.shape), num_images)
-        return None
-    if skipped:
-        gallery.drop(skipped)
-        _warn_skipped(skipped, "the gallery (as when its features were cached)")
-    return feats
-
-
-def cached_gallery_features(search_model: SearchModel, gallery: Gallery, *, cache_dir: str | os.PathLike,
-                            batch_size: int = 64, num_workers: int = 0,
-                            device: torch.device | str = "cpu") -> tuple[torch.Tensor, Path, bool]:
-    """Gallery image features, read from the cache or computed (and cached) with the image tower.
-
-    Args:
-        search_model: the loaded model.
-        gallery: the images.
-        cache_dir: folder of the cache files (created).
-        batch_size: images per forward pass.
-        num_workers: DataLoader workers decoding images.
-        device: where the model runs.
-
-    Returns:
-        ``(feats [G, D] fp32 on the CPU, cache file, True if it was read from the cache)``.
-    """
-    cache_dir = Path(cache_dir)
-    weights_sha = file_digest(search_model.weights_path, cache_dir)
-    path = gallery_cache_path(cache_dir, weights_sha, gallery, search_model.image_size)
-    if path.is_file():
-        feats = _read_cache(path, gallery)
-        if feats is not None:
-            return feats, path, True
-    from safetensors.torch import save_file
-
-    device = torch.device(device)
-    model = search_model.model.to(device).eval()
-    feats = gallery.encode(model, search_model.image_size, batch_size=batch_size, num_workers=num_workers,
-                           device=device).float().cpu().contiguous()
-    meta = {"weights_sha256": weights_sha, "gallery": gallery.content_key,
-            "image_size": ",".join(map(str, search_model.image_size)), "num_images": str(len(gallery)),
-            "skipped": json.dumps(list(getattr(gallery, "skipped", [])))}
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write(path, lambda tmp: save_file({"feats": feats}, tmp, metadata=meta))
-    return feats, path, False
-
-
-# --------------------------------------------------------------------------------------------------
-# Search
-
-
-@torch.no_grad()
-def search(search_model: SearchModel, gallery: Gallery, gallery_feats: torch.Tensor, texts: Sequence[str],
-           query_pids: Sequence[int | None] | None = None, *, top_k: int = 10,
-           device: torch.device | str = "cpu") -> list[QueryResult]:
-    """Rank the gallery for each text by cosine similarity of the global features.
-
-    Args:
-        search_model: the loaded model.
-        gallery: the gallery `gallery_feats` were computed from.
-        gallery_feats: [G, D] image features.
-        texts: the queries.
-        query_pids: per query, its person id or None (correctness is then unknown).
-        top_k: hits per query (capped at the gallery size).
-        device: where the text tower runs.
-
-    Returns:
-        One :class:`QueryResult` per text, in order.
-    """
-    if not texts:
-        raise SearchError("no query text: pass --query TEXT, --queries-file FILE or --from-split-captions N")
-    if top_k < 1:
-        raise SearchError(f"--top-k must be >= 1, got {top_k}")
-    query_pids = list(query_pids) if query_pids is not None else [None] * len(texts)
-    device = torch.device(device)
-    model = search_model.model.to(device).eval()
-    warn_long_queries(texts, model.base_model.context_length)
-    ids = tokenize(list(texts), context_length=model.base_model.context_length)
-    text_feats = torch.cat([model.encode_text(chunk.to(device)) for chunk in ids.split(256)])
-    scores, indices = top_k_matches(text_feats.cpu(), gallery_feats, top_k)
-    results = []
-    for q, text in enumerate(texts):
-        idx = indices[q].tolist()
-        hit_pids = gallery.pids[indices[q]].tolist() if gallery.pids is not None else None
-        qpid = query_pids[q]
-        correct = [p == qpid for p in hit_pids] if hit_pids is not None and qpid is not None else None
-        results.append(QueryResult(text, qpid, scores[q].tolist(), idx, gallery.names(idx), hit_pids,
-                                   correct))
-    return results
-
-
-def warn_long_queries(texts: Sequence[str], context_length: int) -> list[int]:
-    """Say once when queries are longer than the text tower reads (the rest is cut off, as in training).
-
-    Returns:
-        The 0-based positions of the queries that are cut.
-    """
-    from irra_dist.tokenizer import default_tokenizer
-
-    tok = default_tokenizer()
-    room = context_length - 2  # start and end tokens
-    cut = [q for q, text in enumerate(texts) if len(tok.encode(text)) > room]
-    if cut:
-        words, used = 0, 0
-        for word in texts[cut[0]].split():
-            used += len(tok.encode(word))
-            if used > room:
-                break
-            words += 1
-        logger.warning("%d query/queries longer than the model reads (%d tokens): only the start is used, "
-                       "e.g. the first %d words of query %d", len(cut), context_length, words, cut[0] + 1)
-    return cut
 
 
 # --------------------------------------------------------------------------------------------------

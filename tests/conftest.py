@@ -46,14 +46,14 @@ TINY_RECIPE: dict = {
 def tiny_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Shards of the tiny synthetic dataset (see the module docstring), built once per test session."""
     from irra_dist.data.shards import build_shards
-    from irra_dist.data.synthetic import generate_synthetic_dataset
+    from irra_dist.synthetic.dataset import generate_synthetic_dataset
 
     root = tmp_path_factory.mktemp("tiny_data")
     generate_synthetic_dataset(root / "CUHK-PEDES", num_train_ids=TINY_TRAIN_IDS, num_val_ids=2,
                                num_test_ids=4, images_per_id=(TINY_IMAGES_PER_ID, TINY_IMAGES_PER_ID),
                                captions_per_image=1, seed=3)
     out = root / "shards"
-    build_shards("CUHK-PEDES", root, out, shard_size=16, workers=2, progress=False)
+    build_shards("CUHK-PEDES", root, out, shard_size=16, workers=2)
     return out
 
 

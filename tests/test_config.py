@@ -159,3 +159,58 @@ def test_save_is_atomic_and_leaves_no_temporaries(tmp_path):
 
 def test_recipes_dir_is_the_repository_configs_folder():
     assert RECIPES_DIR == Path(__file__).resolve().parents[1] / "configs"
+
+
+def test_recipe_file_values_are_converted_to_the_annotated_types(tmp_path):
+    path = tmp_path / "r.yaml"
+    # 2e-5 without a dot is a string to YAML 1.1; an integer where a float is expected
+    path.write_text("optim:\n  lr: 2e-5\n  betas: [0.9, 1]\nmodel:\n  image_size: [256, 128]\n")
+    cfg = load_config(path)
+    assert cfg.optim.lr == 2e-5 and type(cfg.optim.lr) is float
+    assert cfg.optim.betas == (0.9, 1.0) and [type(b) for b in cfg.optim.betas] == [float, float]
+    assert cfg.model.image_size == (256, 128) and type(cfg.model.image_size) is tuple
+
+
+def test_base_chain_merges_sections_and_replaces_lists(tmp_path):
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "root.yaml").write_text("name: root\nloss:\n  names: [sdm, id, mlm]\n  id_weight: 0.5\n"
+                                        "optim:\n  lr: 1.0e-4\n  eps: 1.0e-6\n")
+    (tmp_path / "sub" / "mid.yaml").write_text("base: ../root.yaml\nname: mid\noptim:\n  eps: 1.0e-7\n")
+    (tmp_path / "sub" / "top.yaml").write_text("base: mid.yaml\nloss:\n  names: [itc]\neval:\n")
+    cfg = load_config(tmp_path / "sub" / "top.yaml", ["optim.warmup_epochs=2"])
+    assert cfg.name == "mid"
+    assert cfg.loss.names == ["itc"] and cfg.loss.id_weight == 0.5  # list replaced, section merged
+    assert (cfg.optim.lr, cfg.optim.eps, cfg.optim.warmup_epochs) == (1e-4, 1e-7, 2)
+    assert cfg.eval == Config().eval  # an empty section keeps its defaults
+
+
+@pytest.mark.parametrize("override, message", [
+    ("model.image_size=[384]", "wrong type for 'model.image_size': expected a list of 2 values"),
+    ("optim.betas=[0.9, 0.99, 0.999]", "wrong type for 'optim.betas': expected a list of 2 values"),
+    ("model=5", "wrong type for 'model': expected a mapping"),
+    ("optim.milestones=[10, soon]", "wrong type for 'optim.milestones[1]': expected an integer"),
+    ("data.sources=[{shards: a, weight: heavy}]", "wrong type for 'data.sources.weight': expected a number"),
+    ("data.sources=[{shards: a, wieght: 2}]",
+     "unknown config key 'data.sources.wieght' (known keys here: name, shards, weight)"),
+    ("train.batch_size.x=1", "'train.batch_size' is not a section"),
+    ("optim.milestones[5]=1", "set the whole list instead, e.g. optim.milestones=[...]"),
+])
+def test_errors_in_lists_tuples_and_sections_name_the_key(override, message):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [override])
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_a_list_item_can_be_overridden_by_index():
+    cfg = load_config(None, ["data.sources=[{shards: sets/a}, {shards: sets/b}]", "data.sources[1].weight=3"])
+    assert [(s.name, s.weight) for s in cfg.data.sources] == [("a", 1.0), ("b", 3.0)]
+
+
+def test_strings_are_kept_as_written_and_round_trip(tmp_path):
+    pipe = "pipe:curl -s -u ${TOKEN} http://host/set/{name}"
+    cfg = load_config(None, [f"data.shards={pipe}", "train.run_name=1e5", r"logging.group=a\${x}\b",
+                             "train.output_dir=@runs"])
+    assert (cfg.data.shards, cfg.train.run_name, cfg.logging.group, cfg.train.output_dir) == (
+        pipe, "1e5", r"a\${x}\b", "@runs")
+    save_config(cfg, tmp_path / "config.yaml")
+    assert load_config(tmp_path / "config.yaml") == cfg

@@ -26,14 +26,14 @@ def _direct_metrics(model, shards: Path) -> dict:
 
 def test_one_row_per_shard_set(tiny_shards: Path, tmp_path: Path, capsys, fresh_accelerate) -> None:
     from irra_dist.data.shards import build_shards
-    from irra_dist.data.synthetic import generate_synthetic_dataset
     from irra_dist.model import build_irra, save_weights_safetensors
+    from irra_dist.synthetic.dataset import generate_synthetic_dataset
 
     # A second population: other people, other captions, another gallery size.
     generate_synthetic_dataset(tmp_path / "other" / "CUHK-PEDES", num_train_ids=3, num_val_ids=1,
                                num_test_ids=6, images_per_id=(3, 3), captions_per_image=2, seed=99)
     other = tmp_path / "other_shards"
-    build_shards("CUHK-PEDES", tmp_path / "other", other, shard_size=8, workers=1, progress=False)
+    build_shards("CUHK-PEDES", tmp_path / "other", other, shard_size=8, workers=1)
 
     torch.manual_seed(0)
     model = build_irra(13, embed_dim=32, image_size=(64, 32), patch_size=16, stride_size=16, vision_width=32,

@@ -67,7 +67,7 @@ def test_bad_input_in_a_child_process_prints_no_traceback(tiny_recipe: Path) -> 
 
 def test_evaluate_bad_target_is_one_line_and_exit_2(tmp_path: Path, capsys) -> None:
     assert evaluate_main([str(tmp_path / "nothing_here")]) == 2
-    assert "nothing to evaluate" in _one_error_line(capsys.readouterr().err)
+    assert "weights not found: nothing at" in _one_error_line(capsys.readouterr().err)
 
 
 def test_evaluate_weights_file_needs_shards(tmp_path: Path, capsys) -> None:

@@ -122,6 +122,22 @@ def test_two_processes_give_the_single_process_weights(runs: dict[str, Path], na
         torch.testing.assert_close(other[key], value, rtol=1e-5, atol=1e-6, msg=lambda m, k=key: f"{k}: {m}")
 
 
+def test_zero2_checkpoint_loads_as_the_ddp_checkpoint(runs: dict[str, Path]) -> None:
+    """DeepSpeed's own checkpoint files (each rank's fp32 partition, consolidated by zero_to_fp32) give the
+    model of the DDP run's checkpoint, and exactly the weights the ZeRO-2 run exported."""
+    from irra_dist.model.weights import load_model
+
+    zero2 = load_model(runs["zero2"] / "checkpoints" / "last")
+    ddp = load_model(runs["ddp"] / "checkpoints" / "last")
+    assert (zero2.kind, ddp.kind) == ("deepspeed_checkpoint", "accelerate_checkpoint")
+    got, want = zero2.model.state_dict(), ddp.model.state_dict()
+    exported = load_file(runs["zero2"] / "model.safetensors")
+    assert got.keys() == want.keys() == exported.keys()
+    for key, value in want.items():
+        assert torch.equal(got[key], exported[key]), key
+        torch.testing.assert_close(got[key], value, rtol=1e-5, atol=1e-6, msg=lambda m, k=key: f"{k}: {m}")
+
+
 def test_two_process_evaluation_equals_single_process_evaluation(runs: dict[str, Path]) -> None:
     from irra_dist.engine.evaluate import evaluate_target
 

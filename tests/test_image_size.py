@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from irra_dist.data import shards
+from irra_dist.engine.build_shards_cli import _arg_parser as build_parser
 from irra_dist.engine.cli import eval_parser
 from irra_dist.image_size import parse_image_size
 from irra_dist.search import _arg_parser as search_parser
@@ -32,7 +32,7 @@ def test_every_command_line_reads_hxw_alike(capsys: pytest.CaptureFixture) -> No
     search = search_parser().parse_args(["--run", "r", "--gallery", "g", "--query", "q",
                                          "--image-size", "64x32", "--thumb-size", "40x20"])
     query = query_parser().parse_args(["--index", "i", "--query", "q", "--thumb-size", "40x20"])
-    build = shards._arg_parser().parse_args(["--dataset", "cuhk", "--pre-resize", "64x32"])
+    build = build_parser().parse_args(["--dataset", "cuhk", "--pre-resize", "64x32"])
     assert evaluate.image_size == search.image_size == build.pre_resize == (64, 32)
     assert search.thumb_size == query.thumb_size == (40, 20)
     with pytest.raises(SystemExit):

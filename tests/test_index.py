@@ -26,7 +26,6 @@ from torchvision import transforms
 from irra_dist.config import config_from_dict, save_config
 from irra_dist.data.parsers import parse_dataset
 from irra_dist.data.shards import build_shards
-from irra_dist.data.synthetic import generate_synthetic_dataset
 from irra_dist.model import IRRA, build_irra, save_weights_safetensors
 from irra_dist.retrieval.index import (
     FEATURES_FILE,
@@ -39,6 +38,7 @@ from irra_dist.retrieval.index import (
     recall_at_k,
 )
 from irra_dist.serving import export_cli, index_cli, query_cli
+from irra_dist.synthetic.dataset import generate_synthetic_dataset
 from irra_dist.tokenizer import tokenize
 
 pytest.importorskip("faiss")
@@ -81,8 +81,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
     generate_synthetic_dataset(dataset, num_train_ids=3, num_val_ids=1, num_test_ids=5, images_per_id=2,
                                seed=0)
     shards = root / "shards"
-    build_shards(parse_dataset("CUHK-PEDES", root / "data"), None, shards, shard_size=4, workers=1,
-                 progress=False)
+    build_shards(parse_dataset("CUHK-PEDES", root / "data"), None, shards, shard_size=4, workers=1)
     torch.manual_seed(0)
     model = build_irra(3, cmt_depth=1, **TINY).eval()
     run = _write_run(root / "run", model, shards)
@@ -428,13 +427,10 @@ def test_bad_input_exits_2_with_one_line(bad_cases: dict[str, tuple], case: str,
 @pytest.mark.slow
 def test_exact_index_matches_pytorch_ranking_on_demo_gallery(demo_run: tuple[Path, str], tmp_path: Path,
                                                              fresh_accelerate: None) -> None:
-    from irra_dist.search import (
-        ShardGallery,
-        cached_gallery_features,
-        load_search_model,
-        search,
-        split_caption_queries,
-    )
+    from irra_dist.retrieval.cache import cached_gallery_features
+    from irra_dist.retrieval.gallery import ShardGallery, split_caption_queries
+    from irra_dist.retrieval.ranking import search
+    from irra_dist.search import load_search_model
 
     run, _ = demo_run
     loaded = load_search_model(run=run)

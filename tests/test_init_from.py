@@ -4,6 +4,7 @@ identities matches) its classifier, read from a run folder, a safetensors export
 from __future__ import annotations
 
 import logging
+import shutil
 from pathlib import Path
 
 import pytest
@@ -12,7 +13,13 @@ from safetensors.torch import load_file
 
 from irra_dist.config import load_config
 from irra_dist.engine.init_from import build_model_for_training
-from irra_dist.model import CheckpointError, build_irra, export_official_checkpoint, save_weights_safetensors
+from irra_dist.model import (
+    CheckpointError,
+    build_irra,
+    export_official_checkpoint,
+    load_model,
+    save_weights_safetensors,
+)
 
 # Heads follow CLIP's width // 64 rule, so the official format (which stores no head count) rebuilds it.
 SIZES = dict(embed_dim=64, image_size=(64, 32), patch_size=16, stride_size=16, vision_width=64,
@@ -75,6 +82,19 @@ def test_from_a_run_folder_and_through_the_trainer(tiny_recipe: Path, fresh_acce
     for key, value in before.items():
         assert torch.allclose(after[key], value, atol=1e-6), key
     assert "model.init_from: towers and IRR module from" in (second / "train_log.txt").read_text()
+
+    # The trainer's export describes its model: away from config.yaml it rebuilds the recipe's towers, whose
+    # 2 heads on width 32 the tensors alone would read as 1 (OpenAI's width // 64).
+    alone = tiny_recipe.parent / "alone" / "weights.safetensors"
+    alone.parent.mkdir()
+    shutil.copy(first / "model.safetensors", alone)
+    loaded = load_model(alone)
+    assert loaded.source.run_dir is None and "model_config" in loaded.built_from
+    sizes = loaded.model.base_model.sizes
+    assert (sizes.vision_heads, sizes.text_heads, sizes.image_size, sizes.stride_size) == (2, 2, (64, 32), 16)
+    assert loaded.model.num_classes == 13 and loaded.model.with_mlm
+    rebuilt = loaded.model.state_dict()
+    assert rebuilt.keys() == before.keys() and all(torch.equal(rebuilt[k], v) for k, v in before.items())
 
 
 def test_source_of_another_image_size_is_refused(tiny_recipe: Path, tmp_path: Path) -> None:

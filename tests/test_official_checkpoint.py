@@ -152,11 +152,17 @@ def test_bad_checkpoints_give_one_clear_error(tmp_path: Path):
         load_official_irra_checkpoint(truncated, image_size=(64, 32))
     assert _one_line_naming(err, truncated)
 
-    not_irra = tmp_path / "clip_only.pth"
-    torch.save({"model": {"visual.conv1.weight": torch.randn(8, 3, 16, 16)}}, not_irra)
-    with pytest.raises(CheckpointError, match="not an IRRA checkpoint") as err:
+    not_irra = tmp_path / "not_irra.pth"
+    torch.save({"model": {"encoder.weight": torch.randn(8, 3)}}, not_irra)
+    with pytest.raises(CheckpointError, match="neither an IRRA nor a CLIP state dict") as err:
         load_official_irra_checkpoint(not_irra)
     assert _one_line_naming(err, not_irra)
+
+    partial_clip = tmp_path / "clip_part.pth"  # CLIP files load (zero-shot CLIP); a fragment of one does not
+    torch.save({"model": {"visual.conv1.weight": torch.randn(8, 3, 16, 16)}}, partial_clip)
+    with pytest.raises(CheckpointError, match="not a ViT CLIP checkpoint") as err:
+        load_official_irra_checkpoint(partial_clip)
+    assert _one_line_naming(err, partial_clip)
 
     pickled = tmp_path / "with_args.pth"
     torch.save({"model": {"base_model.x": torch.zeros(1)}, "args": argparse.Namespace(lr=1e-5)}, pickled)

@@ -17,7 +17,7 @@ from irra_dist.data import transforms as tr
 from irra_dist.data.parsers import parse_dataset
 from irra_dist.data.pipeline import TrainLoader, build_eval_loaders, derive_seed
 from irra_dist.data.shards import MANIFEST_NAME, ShardError, build_shards
-from irra_dist.data.synthetic import generate_synthetic_dataset
+from irra_dist.synthetic.dataset import generate_synthetic_dataset
 from irra_dist.tokenizer import MASK_ID, tokenize
 
 SIZE = (64, 32)
@@ -42,7 +42,7 @@ def parsed(tmp_path_factory: pytest.TempPathFactory):
 @pytest.fixture(scope="module")
 def shard_dir(parsed, tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("shards")
-    build_shards(parsed, None, out, shard_size=3, workers=2, progress=False)
+    build_shards(parsed, None, out, shard_size=3, workers=2)
     return out
 
 
@@ -348,8 +348,7 @@ def test_deleted_shard_or_edited_manifest_is_refused_before_training(shard_dir: 
 def test_pre_resized_shards_give_identical_training_batches(parsed, shard_dir: Path, tmp_path: Path,
                                                             fmt: str) -> None:
     resized = tmp_path / "resized"
-    build_shards(parsed, None, resized, shard_size=3, workers=2, pre_resize=SIZE, pre_resize_format=fmt,
-                 progress=False)
+    build_shards(parsed, None, resized, shard_size=3, workers=2, pre_resize=SIZE, pre_resize_format=fmt)
     a = _epoch(_loader(shard_dir, global_batch_size=8))[0]
     b = _epoch(_loader(resized, global_batch_size=8))[0]
     for key in KEYS:

@@ -18,19 +18,13 @@ from irra_dist import search as search_mod
 from irra_dist.config import config_from_dict, dump_config, save_config
 from irra_dist.data.parsers import parse_dataset
 from irra_dist.data.shards import build_shards
-from irra_dist.data.synthetic import generate_synthetic_dataset
 from irra_dist.model import IRRA, build_irra, export_official_checkpoint, save_weights_safetensors
-from irra_dist.search import (
-    FolderGallery,
-    RetrievalExamples,
-    ShardGallery,
-    cached_gallery_features,
-    gallery_cache_path,
-    load_search_model,
-    main,
-    search,
-    split_caption_queries,
-)
+from irra_dist.retrieval.cache import cached_gallery_features, gallery_cache_path
+from irra_dist.retrieval.examples import RetrievalExamples
+from irra_dist.retrieval.gallery import FolderGallery, ShardGallery, split_caption_queries
+from irra_dist.retrieval.ranking import search
+from irra_dist.search import load_search_model, main
+from irra_dist.synthetic.dataset import generate_synthetic_dataset
 from irra_dist.tokenizer import tokenize
 from irra_dist.visualize import GridStyle
 
@@ -68,8 +62,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
     generate_synthetic_dataset(dataset, num_train_ids=3, num_val_ids=1, num_test_ids=4, images_per_id=2,
                                seed=0)
     shards = root / "shards"
-    build_shards(parse_dataset("CUHK-PEDES", root / "data"), None, shards, shard_size=3, workers=1,
-                 progress=False)
+    build_shards(parse_dataset("CUHK-PEDES", root / "data"), None, shards, shard_size=3, workers=1)
     torch.manual_seed(0)
     model = build_irra(3, cmt_depth=1, **TINY).eval()
     run = _write_run(root / "run", model, shards)

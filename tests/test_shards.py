@@ -20,7 +20,8 @@ from PIL import Image
 from irra_dist.data import shards
 from irra_dist.data.parsers import parse_dataset
 from irra_dist.data.shards import DEFAULT_SHARD_SIZE, MANIFEST_NAME, ShardError, build_shards, load_manifest
-from irra_dist.data.synthetic import generate_synthetic_dataset
+from irra_dist.engine import build_shards_cli
+from irra_dist.synthetic.dataset import generate_synthetic_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -53,7 +54,7 @@ def _files(folder: Path) -> dict[str, bytes]:
 def _build(parsed, out: Path, **kwargs) -> dict:
     kwargs.setdefault("shard_size", 4)
     kwargs.setdefault("workers", 2)
-    return build_shards(parsed, None, out, progress=False, **kwargs)
+    return build_shards(parsed, None, out, **kwargs)
 
 
 def test_manifest_counts_and_tar_contents_match_the_parser(parsed, tmp_path: Path) -> None:
@@ -102,6 +103,12 @@ def test_rebuild_is_byte_identical_for_any_worker_count(parsed, tmp_path: Path) 
     assert first == _files(tmp_path / "b")
     _build(parsed, tmp_path / "a", workers=2)  # rerun over the same folder
     assert _files(tmp_path / "a") == first
+
+
+def test_progress_callback_counts_every_image(parsed, tmp_path: Path) -> None:
+    done: list[int] = []
+    _build(parsed, tmp_path / "out", progress=done.append)
+    assert sum(done) == sum(len(records) for records in parsed.splits.values())
 
 
 @pytest.mark.parametrize("fmt", ["png", "ppm"])
@@ -162,8 +169,7 @@ def write(self, data):
         os.kill(os.getpid(), signal.SIGKILL)
     return real(self, data)
 shards._HashingWriter.write = write
-shards.build_shards("CUHK-PEDES", {str(dataset_root)!r}, {str(out)!r}, shard_size=4, workers=2,
-                    progress=False)
+shards.build_shards("CUHK-PEDES", {str(dataset_root)!r}, {str(out)!r}, shard_size=4, workers=2)
 """
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, timeout=60)
@@ -278,7 +284,7 @@ def test_skipped_image_of_the_last_train_pid_keeps_num_train_ids(tmp_path: Path,
     out = tmp_path / "out"
     argv = ["--dataset", "cuhk", "--root", str(folder), "--out", str(out), "--pre-resize", "64x32",
             "--workers", "1", "--skip-bad", "--no-progress"]
-    assert shards.main(argv) == 0
+    assert build_shards_cli.main(argv) == 0
     assert f"({expected_ids} train ids, 1 skipped)" in capsys.readouterr().out
     manifest = load_manifest(out)
     # The classifier keeps the parsed size although the highest pid has no sample left.
@@ -302,7 +308,7 @@ def test_images_without_captions_stay_in_the_gallery_and_their_train_pid_counts(
             anno["captions"] = []
     annotation.write_text(json.dumps(annos))
     out = tmp_path / "out"
-    manifest = build_shards("CUHK-PEDES", tmp_path, out, shard_size=4, workers=1, progress=False)
+    manifest = build_shards("CUHK-PEDES", tmp_path, out, shard_size=4, workers=1)
     assert manifest["num_train_ids"] == 3
     train, test = manifest["splits"]["train"], manifest["splits"]["test"]
     assert (train["num_ids"], train["num_images"], train["num_captions"]) == (3, 6, 8)
@@ -322,7 +328,7 @@ def test_images_without_captions_stay_in_the_gallery_and_their_train_pid_counts(
         if anno["split"] == "train":
             anno["captions"] = []
     annotation.write_text(json.dumps(annos))
-    build_shards("CUHK-PEDES", tmp_path, out, shard_size=4, workers=1, progress=False, overwrite=True)
+    build_shards("CUHK-PEDES", tmp_path, out, shard_size=4, workers=1, overwrite=True)
     with pytest.raises(ShardError, match="no training captions"):
         TrainLoader(out, global_batch_size=4, image_size=size)
 

@@ -13,15 +13,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from irra_dist.data import synthetic
 from irra_dist.data.parsers import parse_dataset
-from irra_dist.data.synthetic import (
-    DatasetExistsError,
-    generate_synthetic_dataset,
-    main,
-    render_person,
-    sample_attributes,
-)
+from irra_dist.engine.synthetic_cli import main
+from irra_dist.synthetic import dataset as synthetic
+from irra_dist.synthetic.dataset import DatasetExistsError, generate_synthetic_dataset
+from irra_dist.synthetic.render import render_person, sample_attributes
 
 NUM_IDS = {"train": 14, "val": 5, "test": 6}
 

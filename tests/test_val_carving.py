@@ -13,7 +13,7 @@ import yaml
 from PIL import Image
 
 from irra_dist.data.shards import RecordReader, SplitIndex, load_manifest
-from irra_dist.data.shards import main as build_main
+from irra_dist.engine.build_shards_cli import main as build_main
 
 NUM_TRAIN_IDS, IMAGES_PER_ID, CARVED = 10, 2, 3
 
@@ -77,7 +77,7 @@ def test_official_build_has_no_val_and_the_val_ids_flag_refuses_a_dataset_with_o
     assert manifest["val_from_train"] is None and manifest["splits"]["val"]["num_images"] == 0
     assert manifest["num_train_ids"] == NUM_TRAIN_IDS
     # CUHK-PEDES has its own val split: --val-ids is refused in one line, nothing written
-    from irra_dist.data.synthetic import generate_synthetic_dataset
+    from irra_dist.synthetic.dataset import generate_synthetic_dataset
 
     generate_synthetic_dataset(tmp_path / "cuhk" / "CUHK-PEDES", num_train_ids=3, num_val_ids=1,
                                num_test_ids=1, images_per_id=(1, 1), captions_per_image=1, seed=0)

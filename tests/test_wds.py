@@ -26,10 +26,11 @@ from PIL import Image
 from irra_dist.config import ConfigError, load_config
 from irra_dist.data.parsers import parse_dataset
 from irra_dist.data.pipeline import TrainLoader, build_eval_loaders
-from irra_dist.data.shards import MANIFEST_NAME, ShardError, build_shards, load_manifest, main
+from irra_dist.data.shards import MANIFEST_NAME, ShardError, build_shards, load_manifest
 from irra_dist.data.streaming import StreamTrainLoader
-from irra_dist.data.synthetic import generate_synthetic_dataset
+from irra_dist.engine.build_shards_cli import main
 from irra_dist.engine.runlog import read_metrics
+from irra_dist.synthetic.dataset import generate_synthetic_dataset
 from irra_dist.tokenizer import tokenize
 
 SIZE = (64, 32)
@@ -54,7 +55,7 @@ def parsed(tmp_path_factory: pytest.TempPathFactory):
 @pytest.fixture(scope="module")
 def shard_dir(parsed, tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("wds_shards")
-    build_shards(parsed, None, out, shard_size=4, workers=1, progress=False)
+    build_shards(parsed, None, out, shard_size=4, workers=1)
     return out
 
 

@@ -1,1 +1,1 @@
-"""Data: annotation parsers, the synthetic demo dataset, WebDataset shards and the loaders over them."""
+"""Data: annotation parsers, WebDataset shards (format, builder, readers) and the loaders over them."""

@@ -29,13 +29,23 @@ from typing import Any
 
 from PIL import Image, UnidentifiedImageError
 
-from irra_dist.data.parsers import SPLITS, DatasetError, DatasetNotFoundError, ImageRecord, ParsedDataset
+from irra_dist.data.parsers import (
+    SPLITS,
+    DatasetError,
+    DatasetNotFoundError,
+    ImageRecord,
+    ParsedDataset,
+    carve_identities,
+)
 
 logger = logging.getLogger(__name__)
 
 JSONL_NAME = "jsonl"
 """The dataset name recorded in the manifest of a JSON-lines set."""
 _SKIP_HINT = "fix the line, or pass --skip-bad to skip bad lines"
+JSONL_CARVE_RULE = ("the num_ids identities without a split whose key ('pid <pid>', or 'line <n>' without "
+                    "pids) "
+                    "has the smallest sha256('irra_dist-<split>:<key>'); test carved first")
 
 
 def _check_line(obj: Any, images_dir: Path, images_real: str, check_images: bool
@@ -79,19 +89,6 @@ def _check_line(obj: Any, images_dir: Path, images_real: str, check_images: bool
         except (UnidentifiedImageError, OSError, SyntaxError) as err:
             raise ValueError(f"image {abs_path} cannot be read ({type(err).__name__}: {err})") from None
     return rel, str(abs_path), captions, pid, split
-
-
-def carve_identities(pids: list[Any], num_ids: int, salt: str) -> set[Any]:
-    """``num_ids`` distinct identities chosen from `pids`, the same for the same identities and salt.
-
-    Each identity is ranked by a hash of (salt, identity), so the choice depends neither on line order nor on
-    the other identities present, and growing a dataset keeps earlier choices where they still rank first.
-    """
-    unique = sorted(set(pids), key=lambda p: hashlib.sha256(f"{salt}\0{p}".encode()).hexdigest())
-    if num_ids > len(unique):
-        raise DatasetError(f"cannot carve {num_ids} {salt} identities from {len(unique)} train identities: "
-                           "pass a smaller --val-ids/--test-ids")
-    return set(unique[:num_ids])
 
 
 def parse_jsonl(ann: str | os.PathLike, images: str | os.PathLike, *, skip_bad: bool = False,
@@ -144,7 +141,7 @@ def parse_jsonl(ann: str | os.PathLike, images: str | os.PathLike, *, skip_bad: 
         raise DatasetError(f"{ann_path}: 'pid' is on some lines but not on others: give every line a pid, "
                            "or none (then every image is its own identity)")
     # Identity keys: the given pid as text (1 and "1" name one identity), else the line itself.
-    keys = [("pid", str(pid)) if has_pids else ("line", line_no) for line_no, _, _, _, pid, _ in rows]
+    keys = [f"pid {pid}" if has_pids else f"line {line_no}" for line_no, _, _, _, pid, _ in rows]
     splits_of = [split or "train" for *_, split in rows]
     # Only identities none of whose lines name a split are carved, so no identity ends up in two splits.
     named = {k for k, row in zip(keys, rows) if row[5] is not None}
@@ -152,7 +149,7 @@ def parse_jsonl(ann: str | os.PathLike, images: str | os.PathLike, *, skip_bad: 
     carved: dict[Any, str] = {}
     for split, count in (("test", test_ids), ("val", val_ids)):
         if count:
-            chosen = carve_identities([k for k in free_train if k not in carved], count, salt=split)
+            chosen = carve_identities([k for k in free_train if k not in carved], count, split)
             carved.update(dict.fromkeys(chosen, split))
     splits_of = [carved.get(k, s) for k, s in zip(keys, splits_of)]
 
@@ -164,7 +161,10 @@ def parse_jsonl(ann: str | os.PathLike, images: str | os.PathLike, *, skip_bad: 
         records.append(ImageRecord(len(records), pid, rel, abs_path, captions))
     if skipped:
         logger.warning("%s: skipped %d bad line(s); first: %s", ann_path.name, len(skipped), skipped[0])
+    carved_val = sorted(k for k, split in carved.items() if split == "val")
+    val_from_train = {"num_ids": val_ids, "rule": JSONL_CARVE_RULE, "ids": carved_val} if val_ids else None
     dataset = ParsedDataset(JSONL_NAME, str(images_dir), str(ann_path), hashlib.sha256(raw).hexdigest(),
-                            splits, len(skipped), skipped, identities="given" if has_pids else "per_image")
+                            splits, len(skipped), skipped, identities="given" if has_pids else "per_image",
+                            val_from_train=val_from_train)
     logger.info("%s loaded from %s\n%s", JSONL_NAME, ann_path, dataset.table())
     return dataset

@@ -12,9 +12,28 @@ number of ranks; the sampler then orders the drawn samples as it would a single 
 
 from __future__ import annotations
 
+import os
+from dataclasses import dataclass
+
 import numpy as np
 
 _STREAM_MIXTURE = 3  # beside the pipeline's order / image / MLM seed streams
+
+
+@dataclass(frozen=True)
+class TrainSource:
+    """One shard set of a training mixture."""
+
+    location: str | os.PathLike
+    """Folder, http(s):// URL or pipe: command of the shard set."""
+    weight: float = 1.0
+    """Relative share of each epoch."""
+    name: str = ""
+    """Name in logs (default: the location's last path component)."""
+
+    @property
+    def label(self) -> str:
+        return self.name or str(self.location).rstrip("/").rsplit("/", 1)[-1] or str(self.location)
 
 
 def source_quotas(sizes: list[int], weights: list[float]) -> np.ndarray:

@@ -26,6 +26,7 @@ import json
 import logging
 import os
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -342,6 +343,23 @@ def parse_dataset(name: str, root: str | os.PathLike, *, skip_bad: bool = False,
 VAL_CARVE_RULE = "the num_ids train ids with the smallest sha256('irra_dist-val:<id>')"
 
 
+def carve_identities(keys: Iterable[Any], num_ids: int, split: str) -> set[Any]:
+    """The `num_ids` distinct identities among `keys` with the smallest ``sha256("irra_dist-<split>:<key>")``.
+
+    No RNG stream is involved: the choice is the same on every machine and library version, depends neither
+    on the order of `keys` nor on which other identities are present, and growing a dataset keeps earlier
+    choices where they still rank first.
+
+    Raises:
+        DatasetError: fewer identities than `num_ids`.
+    """
+    unique = sorted(set(keys), key=lambda k: hashlib.sha256(f"irra_dist-{split}:{k}".encode()).digest())
+    if num_ids > len(unique):
+        raise DatasetError(f"cannot carve {num_ids} {split} identities from {len(unique)} train identities: "
+                           f"pass a smaller --{split}-ids")
+    return set(unique[:num_ids])
+
+
 def carve_val_identities(parsed: ParsedDataset, num_ids: int) -> ParsedDataset:
     """Move `num_ids` whole training identities, all their images and captions, into the val split.
 
@@ -376,10 +394,8 @@ def carve_val_identities(parsed: ParsedDataset, num_ids: int) -> ParsedDataset:
     def annotation_id(pid: int) -> int:
         return pid + spec.train_pid_offset
 
-    def rank(pid: int) -> bytes:
-        return hashlib.sha256(f"irra_dist-val:{annotation_id(pid)}".encode()).digest()
-
-    carved = set(sorted(train_pids, key=rank)[:num_ids])
+    carved_ids = carve_identities((annotation_id(pid) for pid in train_pids), num_ids, "val")
+    carved = {pid for pid in train_pids if annotation_id(pid) in carved_ids}
     kept = [pid for pid in train_pids if pid not in carved]
     new_pid = {old: new for new, old in enumerate(kept)}
     train: list[ImageRecord] = []

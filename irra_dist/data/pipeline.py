@@ -27,13 +27,14 @@ import json
 import logging
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any, Literal
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from irra_dist.data.mixture import TrainSource, draw_epoch
 from irra_dist.data.shards import (
     _REBUILD_HINT,
     MANIFEST_NAME,
@@ -168,13 +169,19 @@ def _stack(items: list[dict[str, Any]], key: str, empty_shape: tuple[int, ...], 
 
 
 class _TrainDataset(Dataset):
-    """Map-style dataset whose index is ``(epoch, position, sample)``; everything random follows from it."""
+    """Map-style dataset whose index is ``(epoch, position, sample)``; everything random follows from it.
 
-    def __init__(self, index: SplitIndex, sample_record: np.ndarray, sample_caption: np.ndarray, *, seed: int,
-                 image_size: tuple[int, int], image_aug: bool, mlm: bool) -> None:
-        self.reader = RecordReader(index)
-        self.sample_record = sample_record
+    Sample s is caption ``sample_caption[s]`` of record ``sample_record[s]`` of source ``sample_source[s]``;
+    a source's pids are shifted by ``pid_offset[source]`` so that the sources' identities stay apart.
+    """
+
+    def __init__(self, indexes: list[SplitIndex], sample_source: np.ndarray, sample_record: np.ndarray,
+                 sample_caption: np.ndarray, pid_offset: list[int], *, seed: int, image_size: tuple[int, int],
+                 image_aug: bool, mlm: bool) -> None:
+        self.readers = [RecordReader(index) for index in indexes]
+        self.sample_source, self.sample_record = sample_source, sample_record
         self.sample_caption = sample_caption
+        self.pid_offset = pid_offset
         self.seed, self.image_size, self.image_aug, self.mlm = seed, image_size, image_aug, mlm
 
     def __len__(self) -> int:
@@ -182,10 +189,12 @@ class _TrainDataset(Dataset):
 
     def __getitem__(self, item: tuple[int, int, int]) -> dict[str, Any] | None:
         epoch, position, sample = item
+        source = int(self.sample_source[sample])
         record = int(self.sample_record[sample])
-        index = self.reader.index
+        reader = self.readers[source]
+        index = reader.index
         try:
-            image_bytes, meta_bytes = self.reader.read(record)
+            image_bytes, meta_bytes = reader.read(record)
             caption = json.loads(meta_bytes)["captions"][int(self.sample_caption[sample])]
             image = decode_image(image_bytes)
         except ShardError as err:  # not a bad sample: a shard that cannot be fetched stops the run
@@ -197,7 +206,7 @@ class _TrainDataset(Dataset):
         image_gen = torch.Generator().manual_seed(derive_seed(self.seed, epoch, position, _STREAM_IMAGE))
         out = {"images": train_transform(image, image_gen, self.image_size, self.image_aug),
                "caption_ids": tokenize(caption),
-               "pids": int(index.pid[record]),
+               "pids": int(index.pid[record]) + self.pid_offset[source],
                "image_ids": int(index.image_id[record]),
                "sample_index": sample}
         if self.mlm:
@@ -246,8 +255,11 @@ class _RankBatchSampler:
     """
 
     def __init__(self, sample_pid: np.ndarray, *, seed: int, global_batch_size: int, sampler: str,
-                 num_instances: int, drop_last: bool, rank: int, world_size: int) -> None:
+                 num_instances: int, drop_last: bool, rank: int, world_size: int,
+                 mixture: tuple[list[int], list[float]] | None = None) -> None:
         self.sample_pid = sample_pid
+        self.mixture = mixture
+        """(samples per source, weights) of a mixture, whose epochs are drawn by weight; None: one source."""
         self.seed, self.global_batch_size, self.sampler = seed, global_batch_size, sampler
         self.num_instances, self.drop_last = num_instances, drop_last
         self.rank, self.world_size = rank, world_size
@@ -260,13 +272,18 @@ class _RankBatchSampler:
         if self._cache is not None and self._cache[0] == epoch:
             return self._cache[1]
         rng = np.random.Generator(np.random.PCG64(derive_seed(self.seed, epoch, _STREAM_ORDER)))
+        # A mixture's epoch is a multiset of samples drawn by the weights; it is then ordered like one source.
+        pool = None if self.mixture is None else draw_epoch(*self.mixture, self.seed, epoch)
+        pids = self.sample_pid if pool is None else self.sample_pid[pool]
         size = self.global_batch_size
         if self.sampler == "identity":
             num_pids = size // self.num_instances
             size = num_pids * self.num_instances
-            order = _identity_order(self.sample_pid, self.num_instances, num_pids, rng)
+            order = _identity_order(pids, self.num_instances, num_pids, rng)
         else:
-            order = rng.permutation(len(self.sample_pid))
+            order = rng.permutation(len(pids))
+        if pool is not None:
+            order = pool[order]
         n = len(order)
         num = n // size if self.drop_last or self.sampler == "identity" else -(-n // size)
         bounds = [(k * size, min(n, (k + 1) * size)) for k in range(num)]
@@ -328,8 +345,8 @@ class TrainLoader:
         manifest: the shard set's manifest.
     """
 
-    def __init__(self, shards_dir: str | os.PathLike, *, global_batch_size: int, rank: int = 0,
-                 world_size: int = 1, seed: int = 1, num_workers: int = 0,
+    def __init__(self, shards_dir: str | os.PathLike | Sequence[TrainSource], *, global_batch_size: int,
+                 rank: int = 0, world_size: int = 1, seed: int = 1, num_workers: int = 0,
                  image_size: tuple[int, int] = (384, 128), image_aug: bool = True,
                  sampler: Literal["random", "identity"] = "random", num_instances: int = 4,
                  drop_last: bool = False, mlm: bool = True, mask_global_text: bool = True,
@@ -338,7 +355,9 @@ class TrainLoader:
         """Open the shard set, check it against its manifest, and set up (not start) the workers.
 
         Args:
-            shards_dir: folder with manifest.json (see :func:`irra_dist.data.shards.build_shards`).
+            shards_dir: folder (or URL) with manifest.json (see :func:`irra_dist.data.shards.build_shards`),
+                or a list of :class:`~irra_dist.data.mixture.TrainSource`: a mixture, each epoch drawn by
+                the sources' weights (:mod:`irra_dist.data.mixture`), identities kept apart.
             global_batch_size: samples per optimizer micro-step over all ranks (identity sampler: P x K
                 with P = global_batch_size // num_instances; every global batch is full).
             rank: this process's index.
@@ -376,33 +395,57 @@ class TrainLoader:
                              "data.num_instances or raise the batch size")
         if num_workers < 0:
             raise ValueError(f"num_workers must be >= 0, got {num_workers}")
-        self.manifest, index = open_split(shards_dir, "train", verify=verify, cache_dir=cache_dir,
-                                          cache_max_gb=cache_max_gb)
-        image_size = _check_image_size(self.manifest, image_size, shards_dir)
-        # Images without captions give no sample, so count captions, not images.
-        if int(index.num_captions.sum()) == 0:
-            raise ShardError(f"{shards_dir} has no training captions: rebuild the shards from a dataset with "
-                             "a captioned train split")
+        mixture = not isinstance(shards_dir, (str, os.PathLike))
+        sources = list(shards_dir) if mixture else [TrainSource(shards_dir)]
+        if not sources:
+            raise ValueError("a mixture needs at least one source")
+        indexes: list[SplitIndex] = []
+        self.source_manifests: dict[str, dict[str, Any]] = {}
+        for source in sources:
+            manifest, index = open_split(source.location, "train", verify=verify, cache_dir=cache_dir,
+                                         cache_max_gb=cache_max_gb)
+            image_size = _check_image_size(manifest, image_size, source.location)
+            # Images without captions give no sample, so count captions, not images.
+            if int(index.num_captions.sum()) == 0:
+                raise ShardError(f"{source.location} has no training captions: rebuild the shards from a "
+                                 "dataset with a captioned train split")
+            _check_train_ids(index, manifest, source.location)
+            if source.label in self.source_manifests:
+                raise ValueError(f"two sources are named {source.label!r}: give them distinct names")
+            self.source_manifests[source.label] = manifest
+            indexes.append(index)
+        self.manifest = next(iter(self.source_manifests.values()))
+        """The (first) source's manifest."""
         self.rank, self.world_size, self.seed = rank, world_size, seed
         self.global_batch_size, self.sampler, self.num_instances = global_batch_size, sampler, num_instances
         self.drop_last = drop_last
-        self.num_train_ids = int(self.manifest["num_train_ids"])
-        _check_train_ids(index, self.manifest, shards_dir)
+        # Identity namespaces stay apart: source s's pids start after the train ids of the sources before it.
+        ids = [int(m["num_train_ids"]) for m in self.source_manifests.values()]
+        pid_offset = np.concatenate([[0], np.cumsum(ids)[:-1]]).astype(np.int64).tolist()
+        self.num_train_ids = sum(ids)
         self.skipped = 0
-        # Sample s is caption sample_caption[s] of record sample_record[s], in record order.
-        counts = index.num_captions
-        self._sample_record = np.repeat(np.arange(len(index)), counts)
-        first = np.cumsum(counts) - counts
-        self._sample_caption = np.arange(len(self._sample_record)) - np.repeat(first, counts)
-        self._sample_pid = index.pid[self._sample_record]
+        # Sample s is caption sample_caption[s] of record sample_record[s] of source sample_source[s], in
+        # source then record order.
+        counts = [index.num_captions for index in indexes]
+        self.source_sizes = [int(c.sum()) for c in counts]
+        self._sample_source = np.repeat(np.arange(len(indexes)), self.source_sizes)
+        self._sample_record = np.concatenate([np.repeat(np.arange(len(c)), c) for c in counts])
+        self._sample_caption = np.concatenate([np.arange(int(c.sum())) - np.repeat(np.cumsum(c) - c, c)
+                                               for c in counts])
+        self._sample_pid = np.concatenate([index.pid[np.repeat(np.arange(len(c)), c)] + offset
+                                           for index, c, offset in zip(indexes, counts, pid_offset)])
         self.num_samples = len(self._sample_record)
+        self.source_names = list(self.source_manifests)
+        self.source_weights = [float(source.weight) for source in sources]
         # Build the BPE tables once here so forked workers inherit them instead of each rebuilding them.
         default_tokenizer()
         self._batches = _RankBatchSampler(self._sample_pid, seed=seed, global_batch_size=global_batch_size,
                                           sampler=sampler, num_instances=num_instances, drop_last=drop_last,
-                                          rank=rank, world_size=world_size)
-        dataset = _TrainDataset(index, self._sample_record, self._sample_caption, seed=seed,
-                                image_size=image_size, image_aug=image_aug, mlm=mlm)
+                                          rank=rank, world_size=world_size,
+                                          mixture=(self.source_sizes, self.source_weights) if mixture
+                                          else None)
+        dataset = _TrainDataset(indexes, self._sample_source, self._sample_record, self._sample_caption,
+                                pid_offset, seed=seed, image_size=image_size, image_aug=image_aug, mlm=mlm)
         self._loader = DataLoader(dataset, batch_sampler=self._batches, num_workers=num_workers,
                                   collate_fn=_TrainCollate(image_size, mlm, mask_global_text),
                                   pin_memory=pin_memory, persistent_workers=num_workers > 0,
@@ -418,6 +461,12 @@ class TrainLoader:
         if epoch < 1:
             raise ValueError(f"epochs are 1-based, got {epoch}")
         self._batches.epoch = epoch
+
+    def source_counts(self, epoch: int | None = None) -> dict[str, int]:
+        """Samples each source gives an epoch (all ranks), by source name."""
+        order, _ = self._batches.plan(self.epoch if epoch is None else epoch)
+        counts = np.bincount(self._sample_source[order], minlength=len(self.source_names))
+        return dict(zip(self.source_names, counts.tolist()))
 
     def num_batches(self, epoch: int) -> int:
         """Number of global batches in `epoch` (the identity sampler's count varies by epoch)."""

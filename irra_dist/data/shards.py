@@ -29,7 +29,6 @@ remote shards are fetched into a local cache and verified against the manifest's
 
 from __future__ import annotations
 
-import argparse
 import collections
 import contextlib
 import functools
@@ -40,7 +39,6 @@ import logging
 import os
 import re
 import struct
-import sys
 import tarfile
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
@@ -50,20 +48,16 @@ from typing import Any, Literal
 
 import numpy as np
 from PIL import Image
-from tqdm import tqdm
 
 from irra_dist.data.parsers import (
     SPLITS,
-    DatasetError,
-    DatasetNotFoundError,
     ImageRecord,
     ParsedDataset,
-    carve_val_identities,
     parse_dataset,
 )
 from irra_dist.data.sources import ShardError, ShardStore, SourceError
 from irra_dist.fileio import AtomicFile, atomic_write_bytes, file_sha256
-from irra_dist.image_size import image_size_arg, parse_image_size
+from irra_dist.image_size import parse_image_size
 
 logger = logging.getLogger(__name__)
 
@@ -215,7 +209,7 @@ def build_shards(parsed_or_name: ParsedDataset | str, root: str | os.PathLike | 
                  out_dir: str | os.PathLike, *, shard_size: int = DEFAULT_SHARD_SIZE, workers: int = 8,
                  pre_resize: tuple[int, int] | str | None = None, pre_resize_format: str = "png",
                  overwrite: bool = False,
-                 skip_bad: bool = False, progress: bool = True) -> dict[str, Any]:
+                 skip_bad: bool = False, progress: Callable[[int], None] | None = None) -> dict[str, Any]:
     """Write a dataset as WebDataset tar shards plus ``manifest.json`` (see the module docstring).
 
     Args:
@@ -230,7 +224,8 @@ def build_shards(parsed_or_name: ParsedDataset | str, root: str | os.PathLike | 
         overwrite: allow replacing a different dataset's shards (or foreign files) in `out_dir`.
         skip_bad: skip (and count) records whose annotation is bad or whose image cannot be read or, with
             `pre_resize`, decoded, instead of stopping at the first.
-        progress: show a tqdm progress bar.
+        progress: called with the number of images done since its last call (e.g. a tqdm bar's
+            ``update``); None: silent.
 
     Returns:
         The manifest, as written to ``out_dir/manifest.json``.
@@ -271,11 +266,10 @@ def build_shards(parsed_or_name: ParsedDataset | str, root: str | os.PathLike | 
     splits: dict[str, Any] = {}
     # Reading files releases the GIL; PNG encoding does not, so pre-resizing runs in processes.
     executor = ProcessPoolExecutor if size and workers > 1 else ThreadPoolExecutor
-    with executor(max_workers=workers) as pool, \
-            tqdm(total=total, desc=f"shards {parsed.name}", unit="img", disable=not progress) as bar:
+    with executor(max_workers=workers) as pool:
         for split in SPLITS:
             splits[split] = _write_split(out, split, parsed.splits[split], pool, size, fmt, shard_size,
-                                         workers, skip_bad, build_skipped, bar)
+                                         workers, skip_bad, build_skipped, progress)
     if build_skipped:
         logger.warning("skipped %d unreadable image(s); first: %s", len(build_skipped), build_skipped[0])
 
@@ -291,6 +285,8 @@ def build_shards(parsed_or_name: ParsedDataset | str, root: str | os.PathLike | 
         # The official num_classes counts every parsed train pid: an image skipped here (or one without
         # captions) must not shrink the classifier while other pids up to N-1 still occur.
         "num_train_ids": parsed.num_train_ids,
+        # "per_image": built without identities (each image its own), so the trainer turns the ID loss off.
+        "identities": parsed.identities,
         "num_skipped": parsed.num_skipped + len(build_skipped),
         # Set when the val split was carved from the training identities (irra-build-shards --val-ids N).
         "val_from_train": parsed.val_from_train,
@@ -308,7 +304,7 @@ def build_shards(parsed_or_name: ParsedDataset | str, root: str | os.PathLike | 
 
 def _write_split(out: Path, split: str, records: list[ImageRecord], pool: Executor,
                  size: tuple[int, int] | None, fmt: str, shard_size: int, workers: int, skip_bad: bool,
-                 build_skipped: list[str], bar: tqdm) -> dict[str, Any]:
+                 build_skipped: list[str], progress: Callable[[int], None] | None) -> dict[str, Any]:
     """Write one split's shards (webdataset ShardWriter), index file and wids shard list; return its entry."""
     columns: dict[str, list[int]] = {name: [] for name in _INDEX_COLUMNS}
     shards: list[dict[str, Any]] = []
@@ -334,7 +330,8 @@ def _write_split(out: Path, split: str, records: list[ImageRecord], pool: Execut
         futures = _ordered_map(pool, _encode_image, ((r.path, size, fmt) for r in records),
                                window=8 * workers)
         for record, future in zip(records, futures):
-            bar.update(1)
+            if progress is not None:
+                progress(1)
             try:
                 image, ext = future.result()
             except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
@@ -781,83 +778,3 @@ class RecordReader:
         if self._wids is not None:
             self._wids.close()
             self._wids = None
-
-
-# --------------------------------------------------------------------------------------------------
-# Command line
-
-
-def _arg_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="irra-build-shards",
-        description="Write a person-retrieval dataset as WebDataset tar shards plus manifest.json.")
-    parser.add_argument("--dataset", help="CUHK-PEDES, ICFG-PEDES or RSTPReid (or an alias); with "
-                        "--index-only, the name recorded in the manifest")
-    parser.add_argument("--root", help="the dataset folder, or the data root holding it")
-    parser.add_argument("--out", default=None, help="destination folder (default: shards/<dataset>)")
-    parser.add_argument("--shard-size", type=int, default=DEFAULT_SHARD_SIZE, help="images per shard")
-    parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
-                        help="threads reading images (processes when pre-resizing)")
-    parser.add_argument("--pre-resize", type=image_size_arg, default=None, metavar="HxW",
-                        help="store images resized to HxW (bilinear, lossless), e.g. 384x128")
-    parser.add_argument("--pre-resize-format", choices=PRE_RESIZE_FORMATS, default="png",
-                        help="format of pre-resized images: png (compact) or ppm (raw RGB, fastest to load)")
-    parser.add_argument("--val-ids", type=int, default=0, metavar="N",
-                        help="move N whole training identities into a val split, deterministically (for "
-                             "datasets without one: ICFG-PEDES; configs/irra_icfg_pedes.yaml uses 300); "
-                             "default 0: the official splits")
-    parser.add_argument("--skip-bad", action="store_true", help="skip bad records instead of stopping")
-    parser.add_argument("--overwrite", action="store_true", help="replace another dataset's shards in --out")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    parser.add_argument("--index-only", action="store_true",
-                        help="write only the index files and manifest for the <split>-*.tar already in --out "
-                             "(shards written by another tool in the documented layout)")
-    return parser
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``irra-build-shards``: parse argv, build the shards, print the dataset table and a summary.
-
-    Returns:
-        0 on success, 2 on bad input (one ``error:`` line on stderr).
-    """
-    parser = _arg_parser()
-    args = parser.parse_args(argv)
-    if args.index_only and not args.out:
-        parser.error("--index-only needs --out DIR, the folder holding the tars")
-    if not args.index_only and not (args.dataset and args.root):
-        parser.error("the following arguments are required: --dataset, --root")
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        if args.index_only:
-            out = Path(args.out)
-            manifest = index_shards(out, dataset=args.dataset)
-        else:
-            out, manifest = _build_from_args(args)
-    except (ShardError, DatasetError, DatasetNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    _print_summary(out, manifest)
-    return 0
-
-
-def _build_from_args(args: argparse.Namespace) -> tuple[Path, dict[str, Any]]:
-    """Parse the dataset, print its table, write the shards; returns (out folder, manifest)."""
-    parsed = parse_dataset(args.dataset, args.root, skip_bad=args.skip_bad)
-    parsed = carve_val_identities(parsed, args.val_ids)
-    out = Path(args.out) if args.out else Path("shards") / parsed.name
-    print(parsed.table())
-    manifest = build_shards(parsed, None, out, shard_size=args.shard_size, workers=args.workers,
-                            pre_resize=args.pre_resize, pre_resize_format=args.pre_resize_format,
-                            overwrite=args.overwrite, skip_bad=args.skip_bad, progress=not args.no_progress)
-    return out, manifest
-
-
-def _print_summary(out: Path, manifest: dict[str, Any]) -> None:
-    for split, entry in manifest["splits"].items():
-        size = sum(s["bytes"] for s in entry["shards"])
-        print(f"{split}: {len(entry['shards'])} shards, {entry['num_images']} images, "
-              f"{entry['num_captions']} captions, {size / 2**20:.1f} MiB")
-    print(f"wrote {out / MANIFEST_NAME} ({manifest['num_train_ids']} train ids, "
-          f"{manifest['num_skipped']} skipped)")

@@ -49,12 +49,11 @@ from torch import nn
 from irra_dist.engine.accel import unwrap, zero_stage
 from irra_dist.fileio import file_sha256
 from irra_dist.model import CheckpointError, save_weights_safetensors
+from irra_dist.model.weights import CHECKPOINTS_DIR, FILES_FILE
 
 logger = logging.getLogger(__name__)
 
-CHECKPOINTS_DIR = "checkpoints"
 STATE_FILE = "trainer_state.json"
-FILES_FILE = "files.json"
 RNG_FILE = "rng_state_{rank}.safetensors"
 SAVING_DIR = ".saving"
 LINK_NAMES = ("last", "best")

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from irra_dist.config import Config, ConfigError, load_config, resolve_recipe
 from irra_dist.fileio import atomic_write_text
-from irra_dist.image_size import image_size_arg
+from irra_dist.image_size import parse_image_size
 
 DEFAULT_RECIPE = "demo"
 """configs/demo.yaml in the repository, so `accelerate launch launch/train.py` runs the demo."""
@@ -210,6 +210,14 @@ def _leave(code: int) -> int:
 
 # --------------------------------------------------------------------------------------------------
 # irra-eval
+
+
+def image_size_arg(text: str) -> tuple[int, int]:
+    """argparse ``type=`` of every ``HxW`` option: ``--image-size``, ``--thumb-size``, ``--pre-resize``."""
+    try:
+        return parse_image_size(text, "size")
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def eval_parser() -> argparse.ArgumentParser:

@@ -28,11 +28,9 @@ from tqdm import tqdm
 from irra_dist.config import Config, ConfigError, EvalConfig
 from irra_dist.distributed import all_reduce_sum
 from irra_dist.engine.accel import unwrap, zero_stage
-from irra_dist.engine.checkpointing import full_parameters, resolve_checkpoint, run_dir_of
+from irra_dist.engine.checkpointing import full_parameters
 from irra_dist.engine.failures import inject_failure
-from irra_dist.engine.runlog import BEST_WEIGHTS_FILE, CONFIG_FILE, WEIGHTS_FILE
 from irra_dist.evaluation.metrics import RetrievalInputError, format_metrics_table, retrieval_metrics
-from irra_dist.model import CheckpointError
 
 logger = logging.getLogger(__name__)
 
@@ -202,59 +200,6 @@ def flat_metrics(metrics: Metrics, prefix: str = "eval") -> dict[str, float]:
     return {f"{prefix}/{task}_{name}": value for task, row in metrics.items() for name, value in row.items()}
 
 
-def _weights_of(target: Path, weights: str) -> tuple[Path, Path | None]:
-    """The weights file to evaluate and the config.yaml that describes it (None for a bare file)."""
-    if target.is_dir() and (target / CONFIG_FILE).is_file():
-        best = target / BEST_WEIGHTS_FILE
-        file = best if weights == "best" and best.is_file() else target / WEIGHTS_FILE
-        if not file.is_file():
-            raise CheckpointError(f"run folder {target} has no {WEIGHTS_FILE} yet (no epoch finished): "
-                                  "evaluate a checkpoint folder under checkpoints/ instead")
-        return file, target / CONFIG_FILE
-    if target.is_dir():
-        checkpoint = resolve_checkpoint(target)
-        file = checkpoint / WEIGHTS_FILE
-        if not file.is_file():
-            raise CheckpointError(f"checkpoint {checkpoint} holds no {WEIGHTS_FILE} (a DeepSpeed "
-                                  "checkpoint?): evaluate the run folder, whose exported weights are "
-                                  "plain safetensors")
-        config = run_dir_of(checkpoint) / CONFIG_FILE
-        return file, config if config.is_file() else None
-    if not target.is_file():
-        raise CheckpointError(f"nothing to evaluate at {target}: pass a run folder, a checkpoint folder, a "
-                              ".safetensors file or an official best.pth")
-    return target, None
-
-
-def _load_model(file: Path, cfg: Config | None, image_size: tuple[int, int] | None,
-                stride_size: int | None) -> nn.Module:
-    """The model stored in `file`, built from the run config when there is one.
-
-    Tower sizes can be read from the tensors, but not the number of attention heads: that inference
-    assumes CLIP's 64-wide heads. A run trained from random init (``model.pretrained: none``) with other
-    head counts is therefore rebuilt from its config.yaml and loaded strictly.
-    """
-    from safetensors import SafetensorError, safe_open
-
-    from irra_dist.model import build_irra_from_config, load_irra_weights
-
-    if cfg is None or cfg.model.pretrained.lower() != "none" or file.suffix != ".safetensors":
-        return load_irra_weights(file, image_size=image_size, stride_size=stride_size)
-    try:
-        with safe_open(str(file), framework="pt") as f:
-            state_dict = {k: f.get_tensor(k) for k in f.keys()}
-    except (SafetensorError, OSError) as err:
-        raise CheckpointError(f"cannot read {file} ({err}): the weights file is damaged") from None
-    num_classes = state_dict["classifier.weight"].shape[0] if "classifier.weight" in state_dict else 0
-    model = build_irra_from_config(cfg.model, num_classes, with_mlm="mlm_head.fc.weight" in state_dict)
-    try:
-        model.load_state_dict(state_dict, strict=True)
-    except RuntimeError as err:
-        raise CheckpointError(f"{file} does not fit the model of its config.yaml: "
-                              f"{str(err).splitlines()[0]}") from None
-    return model
-
-
 def embedding_precision(setting: str, run_cfg: Config | None) -> str:
     """``eval.precision`` for ``irra-eval --precision setting``: an explicit autocast setting wins; "auto"
     keeps the run's own ``eval.precision``, and fp16 for a file without a run config (an official best.pth,
@@ -271,20 +216,16 @@ def export_target(target: str | os.PathLike, out: str | os.PathLike, *, weights:
 
     Returns:
         The weights file that was exported, and a note when the official code would build a different
-        architecture from the file (:func:`irra_dist.model.checkpoint.official_loader_mismatch`).
+        architecture from the file (:func:`irra_dist.model.weights.official_loader_mismatch`).
 
     Raises:
         CheckpointError, ConfigError: nothing readable at `target`.
     """
-    from irra_dist.engine.runfolder import load_run_config
-    from irra_dist.model import export_official_checkpoint
-    from irra_dist.model.checkpoint import official_loader_mismatch
+    from irra_dist.model.weights import export_official_checkpoint, load_model, official_loader_mismatch
 
-    file, config_file = _weights_of(Path(target), weights)
-    cfg = load_run_config(config_file.parent) if config_file is not None else None
-    model = _load_model(file, cfg, image_size, stride_size)
-    export_official_checkpoint(model, out)
-    return file, official_loader_mismatch(model)
+    loaded = load_model(target, weights=weights, image_size=image_size, stride_size=stride_size)
+    export_official_checkpoint(loaded.model, out)
+    return loaded.source.path, official_loader_mismatch(loaded.model)
 
 
 def evaluate_target(target: str | os.PathLike, *, shards: str | os.PathLike | None = None,
@@ -305,7 +246,7 @@ def evaluate_on_sets(target: str | os.PathLike, shard_sets: Sequence[str | os.Pa
     once. Works in one process or under ``accelerate launch`` (each process embeds its part).
 
     Args:
-        target: what to evaluate (see :func:`_weights_of`).
+        target: what to evaluate: anything :func:`irra_dist.model.weights.load_model` reads.
         shard_sets: shard folders; default the run's ``data.shards``.
         split: ``"test"`` or ``"val"``.
         weights: for a run folder, ``"best"`` (best.safetensors when present) or ``"last"``.
@@ -313,7 +254,7 @@ def evaluate_on_sets(target: str | os.PathLike, shard_sets: Sequence[str | os.Pa
         num_workers: loader workers per process.
         chunk_size: queries scored at a time.
         i2t: also score image-to-text.
-        image_size: input size for files that do not record it (official best.pth: 384x128).
+        image_size: input size override (files that do not record it, official best.pth: 384x128).
         stride_size: patch stride for such files.
         precision: ``train.mixed_precision``-style autocast setting; "auto" embeds as the run's
             ``eval.precision`` (see :func:`embedding_precision`).
@@ -328,26 +269,26 @@ def evaluate_on_sets(target: str | os.PathLike, shard_sets: Sequence[str | os.Pa
     from irra_dist.data.pipeline import build_eval_loaders
     from irra_dist.engine.accel import build_accelerator
     from irra_dist.engine.runfolder import load_run_config
+    from irra_dist.model.weights import find_weights, load_model
 
-    file, config_file = _weights_of(Path(target), weights)
-    run_cfg = load_run_config(config_file.parent) if config_file is not None else Config()
-    if config_file is not None:
-        image_size = image_size or tuple(run_cfg.model.image_size)
-        stride_size = stride_size or run_cfg.model.stride_size
+    source = find_weights(target, weights)
+    file = source.path
+    own_cfg = load_run_config(source.run_dir) if source.run_dir is not None else None
     if not shard_sets:
-        if config_file is None:
+        if own_cfg is None:
             raise ConfigError(f"{file} does not name its shards: pass --shards DIR")
-        shard_sets = [run_cfg.data.shards]
+        shard_sets = [own_cfg.eval_shards()]
+    run_cfg = own_cfg or Config()
     run_cfg = replace(run_cfg, train=replace(run_cfg.train, mixed_precision=precision, compile=False,
                                              grad_accum_steps=1))
     accelerator = build_accelerator(run_cfg)
     results = []
     try:
-        model = _load_model(file, run_cfg if config_file is not None else None, image_size, stride_size)
+        model = load_model(source, image_size=image_size, stride_size=stride_size).model
         model = model.to(accelerator.device)
         size = tuple(model.base_model.visual.image_size)
         eval_cfg = EvalConfig(split=split, batch_size=batch_size, chunk_size=chunk_size, i2t=i2t,
-                              precision=embedding_precision(precision, run_cfg if config_file else None))
+                              precision=embedding_precision(precision, own_cfg))
         for shards in shard_sets:
             gallery, queries = build_eval_loaders(shards, split, rank=accelerator.process_index,
                                                   world_size=accelerator.num_processes, batch_size=batch_size,

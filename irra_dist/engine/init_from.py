@@ -1,7 +1,8 @@
 """``model.init_from``: start training from a previous run's model (pretrain, then fine-tune).
 
-The source is a run folder (its best.safetensors when it has one, else model.safetensors, as ``irra-eval``
-picks), a checkpoint folder, an irra_dist ``.safetensors`` export or an official IRRA ``best.pth``. It
+The source is anything :func:`irra_dist.model.weights.load_model` reads: a run folder (its best.safetensors
+when it has one, else model.safetensors, as ``irra-eval`` picks), a checkpoint folder (DeepSpeed's included),
+an irra_dist ``.safetensors`` export, an official IRRA ``best.pth`` or an OpenAI CLIP file. It
 decides the tower shapes, so ``model.pretrained`` (the CLIP file) is not needed. The new model is built with
 this run's settings (temperature, cmt_depth, losses, classes), then takes from the source:
 
@@ -20,7 +21,7 @@ from pathlib import Path
 import torch
 
 from irra_dist.config import Config
-from irra_dist.model import IRRA, CheckpointError, build_irra_from_config
+from irra_dist.model import IRRA, CheckpointError, build_irra_from_config, load_model
 from irra_dist.model.clip import CLIP
 
 logger = logging.getLogger(__name__)
@@ -29,13 +30,10 @@ _IRR_PREFIXES = ("cross_attn.", "cross_modal_transformer.", "ln_pre_t.", "ln_pre
 
 
 def _load_source(source: str, cfg: Config) -> tuple[IRRA, Path]:
-    from irra_dist.engine.evaluate import _load_model, _weights_of
-    from irra_dist.engine.runfolder import load_run_config
-
-    file, config_file = _weights_of(Path(source).expanduser(), "best")
-    src_cfg = load_run_config(config_file.parent) if config_file is not None else None
-    model = _load_model(file, src_cfg, tuple(cfg.model.image_size), cfg.model.stride_size)
-    return model, file
+    # Built at this run's input size: a source trained at another one is refused (its positional grid).
+    loaded = load_model(source, weights="best", image_size=tuple(cfg.model.image_size),
+                        stride_size=cfg.model.stride_size)
+    return loaded.model, loaded.source.path
 
 
 def build_model_for_training(cfg: Config, num_classes: int) -> IRRA:

@@ -90,7 +90,7 @@ def load_run(path: Path) -> RunRecord:
         dataset = f"{header['dataset']} (annotation {str(header['annotation_sha256'])[:12]}"
         dataset += f", {carved['num_ids']} train ids carved into val)" if carved else ")"
     else:  # a run written before the run row existed: its shard folder stands for the dataset
-        dataset = cfg.data.shards
+        dataset = cfg.eval_shards()
     curves = eval_curves(rows)
     evaluated = max((max(by_epoch) for by_epoch in curves.values()), default=0)
     complete = any(row.get("kind") == "complete" for row in rows) or (

@@ -110,7 +110,9 @@ def absolute_locations(cfg: Config) -> Config:
     """`cfg` with ``data.shards``, ``data.demo_shards``, ``train.output_dir`` and a pretrained *file* made
     absolute (relative to the current directory), as the run folder's config.yaml must store them."""
     data = dataclasses.replace(cfg.data, shards=_absolute(cfg.data.shards),
-                               demo_shards=_absolute(cfg.data.demo_shards))
+                               demo_shards=_absolute(cfg.data.demo_shards),
+                               sources=[dataclasses.replace(s, shards=_absolute(s.shards))
+                                        for s in cfg.data.sources])
     train = dataclasses.replace(cfg.train, output_dir=_absolute(cfg.train.output_dir))
     model = cfg.model
     if Path(model.pretrained).expanduser().is_file():
@@ -155,6 +157,9 @@ def load_run_config(run_dir: str | os.PathLike, overrides: list[str] | None = No
     cfg = load_config(run_dir / CONFIG_FILE, overrides)
     saved_run_dir = Path(cfg.train.output_dir) / run_dir.name if cfg.train.output_dir else run_dir
     data = dataclasses.replace(cfg.data, shards=relocate(cfg.data.shards, run_dir, saved_run_dir),
-                               demo_shards=relocate(cfg.data.demo_shards, run_dir, saved_run_dir))
+                               demo_shards=relocate(cfg.data.demo_shards, run_dir, saved_run_dir),
+                               sources=[dataclasses.replace(s, shards=relocate(s.shards, run_dir,
+                                                                               saved_run_dir))
+                                        for s in cfg.data.sources])
     train = dataclasses.replace(cfg.train, output_dir=str(run_dir.parent))
     return dataclasses.replace(cfg, data=data, train=train)

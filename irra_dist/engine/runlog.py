@@ -16,13 +16,11 @@ from pathlib import Path
 from typing import Any
 
 from irra_dist.fileio import atomic_write_text
+from irra_dist.model.weights import BEST_WEIGHTS_FILE, CONFIG_FILE, WEIGHTS_FILE  # noqa: F401 (re-exported)
 
-# The run folder's files (docs/TRAINING.md).
-CONFIG_FILE = "config.yaml"
+# The run folder's files (docs/TRAINING.md); the weights files are named where they are read.
 LOG_FILE = "train_log.txt"
 METRICS_FILE = "metrics.jsonl"
-WEIGHTS_FILE = "model.safetensors"
-BEST_WEIGHTS_FILE = "best.safetensors"
 
 PACKAGE_LOGGER = "irra_dist"
 LOG_FORMAT = "%(asctime)s %(name)s %(levelname)s: %(message)s"

@@ -13,6 +13,7 @@ loss statistics stay on the device until a log line needs them.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
@@ -30,6 +31,7 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from irra_dist.config import Config, ConfigError, dump_config, save_config
+from irra_dist.data.mixture import TrainSource
 from irra_dist.data.pipeline import TrainLoader, build_eval_loaders
 from irra_dist.data.shards import MANIFEST_NAME, ShardError
 from irra_dist.data.sources import is_remote
@@ -67,7 +69,7 @@ from irra_dist.evaluation.selection import RULE_TITLES, select_results
 from irra_dist.losses import irra_accuracies, irra_losses
 from irra_dist.model import CheckpointError
 from irra_dist.optim import build_lr_scheduler, build_optimizer
-from irra_dist.search import RetrievalExamples
+from irra_dist.retrieval.examples import RetrievalExamples
 
 logger = logging.getLogger(__name__)
 
@@ -143,14 +145,14 @@ def build_demo_shards(shards_dir: Path, image_size: tuple[int, int]) -> None:
     import tempfile
 
     from irra_dist.data.shards import build_shards
-    from irra_dist.data.synthetic import generate_synthetic_dataset
+    from irra_dist.synthetic.dataset import generate_synthetic_dataset
 
     shards_dir.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=shards_dir.parent, prefix=f".{shards_dir.name}-raw-") as raw:
         workers = max(1, min(4, os.cpu_count() or 1))
         dataset = generate_synthetic_dataset(Path(raw) / "CUHK-PEDES", workers=workers)
         build_shards("CUHK-PEDES", dataset, shards_dir, pre_resize=tuple(image_size), pre_resize_format="ppm",
-                     workers=workers, progress=False)
+                     workers=workers)
 
 
 def generates_demo_data(cfg: Config) -> bool:
@@ -177,7 +179,10 @@ def build_train_loader(cfg: Config, accelerator: Accelerator) -> TrainLoader | S
                   **_cache_args(cfg))
     if cfg.data.mode == "stream":
         return StreamTrainLoader(cfg.data.shards, shuffle_buffer=cfg.data.shuffle_buffer, **common)
-    return TrainLoader(cfg.data.shards, sampler=cfg.data.sampler, num_instances=cfg.data.num_instances,
+    sources = cfg.data.shards
+    if cfg.data.sources:
+        sources = [TrainSource(s.shards, s.weight, s.name) for s in cfg.data.sources]
+    return TrainLoader(sources, sampler=cfg.data.sampler, num_instances=cfg.data.num_instances,
                        **common)
 
 
@@ -188,7 +193,7 @@ def ensure_shards(accelerator: Accelerator, cfg: Config) -> None:
         ShardError: no shards at ``data.shards`` of a demo recipe pointed elsewhere (one line with the fix).
     """
     shards = Path(cfg.data.shards)
-    if is_remote(cfg.data.shards) or (shards / MANIFEST_NAME).is_file():
+    if cfg.data.sources or is_remote(cfg.data.shards) or (shards / MANIFEST_NAME).is_file():
         return
     if not generates_demo_data(cfg):
         if cfg.data.demo_shards:
@@ -216,9 +221,34 @@ def evaluation_splits(cfg: Config, manifest: dict[str, Any]) -> list[str]:
         hint = ("rebuild the shards with a val split carved from the training identities "
                 "(irra-build-shards ... --val-ids N), or select on test with eval.split=test"
                 if cfg.eval.split == "val" else "rebuild the shards")
-        raise ConfigError(f"eval.split={cfg.eval.split} selects the best checkpoint, but {cfg.data.shards} "
+        raise ConfigError(f"eval.split={cfg.eval.split} selects the best checkpoint, but {cfg.eval_shards()} "
                           f"has no {cfg.eval.split} images: {hint}")
     return [cfg.eval.split, *(s for s in cfg.eval.track_splits if images(s) > 0)]
+
+
+def eval_manifest(cfg: Config, loader: TrainLoader | StreamTrainLoader) -> dict[str, Any]:
+    """The manifest of the shard set evaluated (with a mixture: the source ``eval.source`` names)."""
+    if not cfg.data.sources:
+        return loader.manifest
+    name = cfg.eval.source or cfg.data.sources[0].name
+    return loader.source_manifests[name]
+
+
+def id_loss_dropped(cfg: Config, loader: TrainLoader | StreamTrainLoader) -> str | None:
+    """Why the ID loss is turned off for this data (None: it stays as the recipe says).
+
+    A set built without identities (``identities: per_image``, e.g. a JSONL file without pids) makes every
+    image its own class: a classifier over one-image classes only memorises them.
+    """
+    if "id" not in cfg.loss.names:
+        return None
+    manifests = getattr(loader, "source_manifests", None) or {"": loader.manifest}
+    per_image = [name or str(cfg.data.shards) for name, m in manifests.items()
+                 if m.get("identities") == "per_image"]
+    if not per_image:
+        return None
+    return (f"{', '.join(per_image)} has no identities (every image is its own; built without pids), so the "
+            "ID loss is turned off: an ID classifier over one-image classes only memorises them")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -350,13 +380,13 @@ class Trainer:
         self.eval_sets: dict[str, tuple[Any, Any]] = {}
         self.completed = False
         if cfg.eval.eval_period > 0:
-            for split in evaluation_splits(cfg, loader.manifest):
+            for split in evaluation_splits(cfg, eval_manifest(cfg, loader)):
                 self.eval_sets[split] = self._eval_loaders(split)
             self.gallery, self.queries = self.eval_sets[cfg.eval.split]
 
     def _eval_loaders(self, split: str) -> tuple[Any, Any]:
         return build_eval_loaders(
-            self.cfg.data.shards, split, rank=self.acc.process_index, world_size=self.world,
+            self.cfg.eval_shards(), split, rank=self.acc.process_index, world_size=self.world,
             batch_size=self.cfg.eval.batch_size, num_workers=self.cfg.data.num_workers,
             image_size=tuple(self.cfg.model.image_size), pin_memory=self.device.type == "cuda",
             **_cache_args(self.cfg))
@@ -479,11 +509,11 @@ class Trainer:
         """The evaluation hook that draws a few fixed queries of `split` and their top-5 into `png`."""
 
         def draw(g_feats, g_pids, g_index, q_feats, q_index) -> None:
-            if is_remote(self.cfg.data.shards):
+            if is_remote(self.cfg.eval_shards()):
                 return  # the picture reads images from a local shard folder
             try:
                 if split not in self.examples:
-                    self.examples[split] = RetrievalExamples(self.cfg.data.shards, split)
+                    self.examples[split] = RetrievalExamples(self.cfg.eval_shards(), split)
                 drawn = self.examples[split].save(png, g_feats, g_pids, g_index, q_feats, q_index)
             except (OSError, ValueError) as err:  # a picture must never stop training
                 logger.warning("could not draw the retrieval examples: %s", err)
@@ -591,10 +621,21 @@ class Trainer:
                 [RULE_TITLES[rule], r["epoch"], *r["metrics"].values()] for rule, r in self.results.items()])
         self.acc.log(logged, step=self.state.step)
 
+    def _log_source_shares(self, epoch: int) -> None:
+        """Each mixture source's samples in this epoch (console, metrics.jsonl, W&B ``data/share_<name>``)."""
+        counts = self.loader.source_counts(epoch)
+        total = max(sum(counts.values()), 1)
+        logger.info("epoch %d draws %s", epoch, ", ".join(
+            f"{n} samples ({100 * n / total:.1f}%) from {name}" for name, n in counts.items()))
+        self.metrics.write({"kind": "sources", "epoch": epoch, "step": self.state.step, "samples": counts})
+        self.acc.log({f"data/share_{name}": n / total for name, n in counts.items()}, step=self.state.step)
+
     def train_epoch(self, epoch: int) -> bool:
         """Run (the rest of) one epoch; False when train.max_steps stopped it early."""
         cfg = self.cfg
         n_batches = self.loader.num_batches(epoch)
+        if cfg.data.sources and self.state.batch_in_epoch == 0:  # a resumed epoch has its row already
+            self._log_source_shares(epoch)
         self.model.train()
         self.acc.step = 0  # accumulation groups start at the beginning of each epoch
         window = _Stats(self.loss_keys, self.device)
@@ -662,7 +703,7 @@ class Trainer:
                                 "selection", split)
                 else:
                     logger.info("eval.track_splits names %s, but %s has no %s images: not recorded", split,
-                                cfg.data.shards, split)
+                                cfg.eval_shards(), split)
             if cfg.eval.split != "test" and cfg.eval.final_test:
                 logger.info("the test split is evaluated once, after the last epoch, on the best and the "
                             "last weights")
@@ -712,11 +753,12 @@ class Trainer:
 
     def _write_run_row(self) -> None:
         """The first row of metrics.jsonl: what this run is, for irra-report (recipe, dataset, protocol)."""
-        manifest = self.loader.manifest
+        manifest = eval_manifest(self.cfg, self.loader)
         self.metrics.write({
             "kind": "run", "step": 0, "recipe": self.cfg.name, "dataset": manifest.get("dataset"),
             "annotation_sha256": manifest.get("annotation_sha256"),
-            "val_from_train": manifest.get("val_from_train"), "shards": str(self.cfg.data.shards),
+            "val_from_train": manifest.get("val_from_train"), "shards": str(self.cfg.eval_shards()),
+            "sources": [dataclasses.asdict(s) for s in self.cfg.data.sources] or None,
             "seed": self.cfg.train.seed, "num_epochs": self.cfg.train.num_epochs,
             "selection_split": self.cfg.eval.split, "track_splits": list(self.cfg.eval.track_splits),
             "final_test": self.cfg.eval.final_test and self.cfg.eval.split != "test",
@@ -798,9 +840,13 @@ def train(cfg: Config, *, resume: str | os.PathLike | None = None) -> Path:
             ensure_shards(accelerator, cfg)
             # Built before the run folder, so that bad data leaves no empty run behind.
             loader = build_train_loader(cfg, accelerator)
+            if (why := id_loss_dropped(cfg, loader)) is not None:
+                logger.info("%s", why)
+                cfg = dataclasses.replace(cfg, loss=dataclasses.replace(
+                    cfg.loss, names=[n for n in cfg.loss.names if n != "id"]))
             if cfg.eval.eval_period > 0:
                 # A missing val split stops here, before the run folder exists.
-                evaluation_splits(cfg, loader.manifest)
+                evaluation_splits(cfg, eval_manifest(cfg, loader))
             run_dir = run_dir_of(checkpoint) if checkpoint is not None else _new_run_dir(accelerator, cfg)
             # Built before the run folder is claimed: model, optimizer, schedule and evaluation data that
             # cannot be set up fail here, with nothing written.

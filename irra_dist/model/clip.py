@@ -16,16 +16,13 @@ from __future__ import annotations
 import json
 import logging
 import math
-import pickle
 import re
-import warnings
-import zipfile
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -378,63 +375,7 @@ def build_clip(embed_dim: int = 512, image_size: tuple[int, int] = (384, 128), p
 
 
 # --------------------------------------------------------------------------------------------------
-# Reading weight files
-
-
-def read_weights_file(path: Path, expected: str) -> Any:
-    """Read a TorchScript archive (its ``state_dict()``) or a ``torch.save`` file, running no pickled code.
-
-    Args:
-        path: the file.
-        expected: what the caller wants from it, used in error messages (e.g. "an OpenAI CLIP checkpoint").
-
-    Returns:
-        The state dict of a TorchScript archive, or the object stored by ``torch.save``
-        (loaded with ``weights_only=True``).
-
-    Raises:
-        CheckpointError: missing, truncated or unreadable file, or one holding pickled Python objects.
-    """
-    if not path.is_file():
-        raise CheckpointError(f"weights file not found: {path} (expected {expected})")
-    if zipfile.is_zipfile(path):
-        with zipfile.ZipFile(path) as archive:
-            names = archive.namelist()
-        # torch.jit.save archives carry TorchScript code; torch.save archives only data.pkl + data/
-        if any("/code/" in n or n.endswith("constants.pkl") for n in names):
-            try:
-                with warnings.catch_warnings():
-                    # TorchScript is deprecated, but it is the format OpenAI distributes CLIP in
-                    warnings.simplefilter("ignore", FutureWarning)
-                    return dict(torch.jit.load(str(path), map_location="cpu").state_dict())
-            except Exception as err:  # a damaged archive can fail with any exception type
-                raise CheckpointError(f"cannot read the TorchScript archive {path} ({_first_line(err)}); "
-                                      f"expected {expected}") from None
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # corrupt files fail anywhere in the unpickler, with any exception type
-        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
-        if isinstance(err, pickle.UnpicklingError) and found:
-            raise CheckpointError(f"{path} holds a pickled Python object ({found.group(1)}) that safe "
-                                  f"loading refuses; expected {expected}: re-save just the tensors, "
-                                  "e.g. torch.save({'model': model.state_dict()}, path)") from None
-        raise CheckpointError(f"cannot read {path}: truncated or not a PyTorch file "
-                              f"({type(err).__name__}: {_first_line(err)}); expected {expected}") from None
-
-
-def _first_line(err: BaseException, limit: int = 120) -> str:
-    text = str(err).strip().splitlines()
-    line = text[0] if text else type(err).__name__
-    return line if len(line) <= limit else line[:limit] + "..."
-
-
-def as_tensor_dict(obj: Any, path: Path, expected: str) -> dict[str, torch.Tensor]:
-    """Check that ``obj`` is a mapping of str -> Tensor (a state dict)."""
-    if not isinstance(obj, Mapping) or not obj or not all(
-            isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()):
-        raise CheckpointError(f"{path} does not hold a state dict of tensors (got {type(obj).__name__}); "
-                              f"expected {expected}")
-    return dict(obj)
+# Building CLIP from a state dict (the files are read in irra_dist.model.weights)
 
 
 def count_blocks(state_dict: Mapping[str, torch.Tensor], prefix: str) -> int:
@@ -595,9 +536,22 @@ def load_openai_clip(path: str | Path, image_size: tuple[int, int] = (384, 128),
         if actual != expected_sha:
             raise CheckpointError(f"SHA-256 of {resolved} is {actual}, expected {expected_sha}: the file is "
                                   "corrupt or not OpenAI's release; download it again")
-    state_dict = as_tensor_dict(read_weights_file(resolved, what), resolved, what)
+    from irra_dist.model.weights import read_clip_state_dict  # weights.py builds on this module
+
+    return clip_from_state_dict(read_clip_state_dict(resolved, what), str(resolved), image_size, stride_size,
+                                attn_impl)
+
+
+def clip_from_state_dict(state_dict: Mapping[str, torch.Tensor], source: str,
+                         image_size: tuple[int, int] = (384, 128), stride_size: int = 16,
+                         attn_impl: AttnImpl = "sdpa") -> CLIP:
+    """Build an fp32 :class:`CLIP` from OpenAI's tensors, its positional grid interpolated to `image_size`.
+
+    Raises:
+        CheckpointError: tensors that are not a ViT CLIP, or a grid that cannot be resized.
+    """
     state_dict = {k: v for k, v in state_dict.items() if k not in OPENAI_EXTRA_KEYS}
-    sizes = infer_clip_sizes(state_dict, image_size, stride_size, str(resolved))
+    sizes = infer_clip_sizes(state_dict, image_size, stride_size, source)
     with torch.device("meta"):
         model = CLIP(sizes, attn_impl)
     pos_key = "visual.positional_embedding"
@@ -606,7 +560,7 @@ def load_openai_clip(path: str | Path, image_size: tuple[int, int] = (384, 128),
         try:
             state_dict[pos_key] = resize_pos_embed(state_dict[pos_key], num_y, num_x)
         except ValueError as err:
-            raise CheckpointError(f"{resolved}: {err}") from None
-    load_into(model, state_dict, str(resolved))
-    logger.info("loaded CLIP from %s: %s", resolved, asdict(sizes))
+            raise CheckpointError(f"{source}: {err}") from None
+    load_into(model, state_dict, source)
+    logger.info("loaded CLIP from %s: %s", source, asdict(sizes))
     return model

@@ -21,7 +21,7 @@ from typing import Protocol
 
 import numpy as np
 
-from irra_dist.image_size import image_size_arg
+from irra_dist.engine.cli import image_size_arg
 from irra_dist.retrieval.index import GalleryIndex, GalleryIndexError
 from irra_dist.retrieval.onnx_runtime import OnnxRuntimeError, OnnxTextEncoder
 from irra_dist.retrieval.results import QueryResult, default_out_path, format_results, render_results

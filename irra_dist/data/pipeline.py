@@ -194,8 +194,8 @@ class _TrainDataset(Dataset):
             _warn_skip(f"train sample {sample} (record {record} in "
                        f"{index.shard_files[int(index.shard[record])]}) is unreadable: {err}")
             return None
-        image_gen = torch.Generator().manual_seed(derive_seed(self.seed, epoch, position, _STREAM_IMAGE))
-        out = {"images": train_transform(image, image_gen, self.image_size, self.image_aug),
+        image_seed = derive_seed(self.seed, epoch, position, _STREAM_IMAGE)
+        out = {"images": train_transform(image, image_seed, self.image_size, self.image_aug),
                "caption_ids": tokenize(caption),
                "pids": int(index.pid[record]),
                "image_ids": int(index.image_id[record]),

@@ -103,6 +103,7 @@ def test_derive_seed_separates_its_inputs() -> None:
     seeds = {derive_seed(1, e, p, s) for e in range(1, 4) for p in range(50) for s in range(3)}
     assert len(seeds) == 3 * 50 * 3 and all(0 <= s < 2**63 for s in seeds)
     assert derive_seed(1, 2, 3) == derive_seed(1, 2, 3) != derive_seed(2, 2, 3)
+    assert derive_seed(1, 2, 3) != derive_seed(1, 2, 3, 0) and derive_seed(1, 0) != derive_seed(1)
 
 
 # --------------------------------------------------------------------------------------------------

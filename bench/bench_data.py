@@ -98,16 +98,13 @@ class OfficialStyleDataset(Dataset):
     """The official ImageTextMLMDataset's work per sample: PIL open of a file, transforms, tokenise, mask."""
 
     def __init__(self, parsed: ParsedDataset) -> None:
+        from torchvision import transforms as T
+
         self.samples = parsed.train_samples()
-        try:
-            from torchvision import transforms as T
-        except ImportError:  # the same algorithm from irra_dist, drawing from the global generator
-            self.transform = lambda img: tr.train_transform(img, torch.default_generator, IMAGE_SIZE)
-        else:
-            self.transform = T.Compose([
-                T.Resize(IMAGE_SIZE), T.RandomHorizontalFlip(0.5), T.Pad(10), T.RandomCrop(IMAGE_SIZE),
-                T.ToTensor(), T.Normalize(tr.CLIP_MEAN, tr.CLIP_STD),
-                T.RandomErasing(scale=(0.02, 0.4), value=tr.CLIP_MEAN)])
+        self.transform = T.Compose([
+            T.Resize(IMAGE_SIZE), T.RandomHorizontalFlip(0.5), T.Pad(10), T.RandomCrop(IMAGE_SIZE),
+            T.ToTensor(), T.Normalize(tr.CLIP_MEAN, tr.CLIP_STD),
+            T.RandomErasing(scale=(0.02, 0.4), value=tr.CLIP_MEAN)])
 
     def __len__(self) -> int:
         return len(self.samples)

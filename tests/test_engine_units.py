@@ -17,7 +17,7 @@ from irra_dist.engine.evaluate import (
     gather_in_order,
 )
 from irra_dist.engine.runlog import MetricsWriter, read_metrics
-from irra_dist.engine.tracking import has_wandb_credentials, resolve_wandb_mode
+from irra_dist.engine.tracking import resolve_wandb_mode
 
 
 @pytest.mark.parametrize(("setting", "cuda", "bf16", "expected"), [
@@ -63,45 +63,59 @@ def test_deepspeed_contradictions_are_config_errors(entry: dict, fragment: str) 
         fill_deepspeed_config(dict(entry), _cfg(), num_processes=2)
 
 
-def test_wandb_credentials_from_env_or_netrc(tmp_path: Path) -> None:
-    netrc = tmp_path / "netrc"
-    assert not has_wandb_credentials({}, netrc)
-    assert has_wandb_credentials({"WANDB_API_KEY": "k"}, netrc)
-    netrc.write_text("machine api.wandb.ai\n  login user\n  password secret\n")
-    netrc.chmod(0o600)
-    assert has_wandb_credentials({}, netrc)
-    assert not has_wandb_credentials({"WANDB_BASE_URL": "https://wandb.example.org"}, netrc)
+@pytest.fixture
+def wandb_env(tmp_path: Path, monkeypatch):
+    """No W&B credentials anywhere wandb looks (environment, netrc, its settings files), a fresh wandb session
+    that reads this environment, and the wandb service stopped afterwards."""
+    import wandb
+
+    for name in ("WANDB_API_KEY", "WANDB_IDENTITY_TOKEN_FILE", "WANDB_MODE", "WANDB_BASE_URL"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("NETRC", str(tmp_path / "netrc"))
+    monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "wandb_config"))
+    wandb.teardown()
+    yield tmp_path
+    wandb.teardown()
 
 
-def test_wandb_mode_auto_is_offline_without_credentials_and_never_probes(tmp_path: Path, monkeypatch) -> None:
-    from irra_dist.engine import tracking
-
-    def no_network(*args, **kwargs):
-        raise AssertionError("must not touch the network without credentials")
-
-    monkeypatch.setattr(tracking, "service_reachable", no_network)
-    assert resolve_wandb_mode("auto", {}, tmp_path / "none") == "offline"
-    assert resolve_wandb_mode("online", {"WANDB_MODE": "offline"}, tmp_path / "none") == "offline"
-    assert resolve_wandb_mode("online", {}, tmp_path / "none") == "online"
-
-
-def test_wandb_mode_auto_with_a_key_follows_reachability(monkeypatch, tmp_path: Path) -> None:
-    from irra_dist.engine import tracking
-
-    monkeypatch.setattr(tracking, "service_reachable", lambda url, timeout_s=3.0: True)
-    assert resolve_wandb_mode("auto", {"WANDB_API_KEY": "k"}, tmp_path / "none") == "online"
-    monkeypatch.setattr(tracking, "service_reachable", lambda url, timeout_s=3.0: False)
-    assert resolve_wandb_mode("auto", {"WANDB_API_KEY": "k"}, tmp_path / "none") == "offline"
-
-
-def test_unreachable_server_is_detected_quickly() -> None:
+def _timed_mode(setting: str) -> tuple[str, float]:
     import time
 
-    from irra_dist.engine.tracking import service_reachable
-
     start = time.monotonic()
-    assert not service_reachable("http://127.0.0.1:9", timeout_s=1.0)  # discard port: refused at once
-    assert time.monotonic() - start < 2.0
+    return resolve_wandb_mode(setting), time.monotonic() - start
+
+
+def test_wandb_mode_auto_is_offline_at_once_without_credentials(wandb_env: Path, monkeypatch, caplog) -> None:
+    with caplog.at_level("INFO", logger="irra_dist.engine.tracking"):
+        mode, seconds = _timed_mode("auto")
+    assert mode == "offline" and seconds < 2.0
+    assert "no API key configured" in caplog.text
+    assert resolve_wandb_mode("online") == "online"
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    assert resolve_wandb_mode("online") == "offline"
+
+
+def test_wandb_mode_auto_checks_a_netrc_key_with_the_server_and_gives_up_in_time(wandb_env: Path, monkeypatch,
+                                                                                 caplog) -> None:
+    # wandb's own netrc lookup finds the key for this host; the server (the discard port) refuses.
+    netrc = wandb_env / "netrc"
+    netrc.write_text(f"machine 127.0.0.1:9\n  login user\n  password {'a' * 40}\n")
+    netrc.chmod(0o600)
+    monkeypatch.setenv("WANDB_BASE_URL", "http://127.0.0.1:9")
+    monkeypatch.setenv("WANDB_HTTP_TIMEOUT", "2")
+    with caplog.at_level("INFO", logger="irra_dist.engine.tracking"):
+        mode, seconds = _timed_mode("auto")
+    assert mode == "offline" and seconds < 15.0  # WANDB_HTTP_TIMEOUT plus starting wandb's service
+    assert "127.0.0.1:9" in caplog.text and "no API key" not in caplog.text
+
+
+def test_wandb_mode_auto_with_a_malformed_key_is_offline_with_the_reason(wandb_env: Path, monkeypatch,
+                                                                        caplog) -> None:
+    monkeypatch.setenv("WANDB_API_KEY", "k")
+    with caplog.at_level("INFO", logger="irra_dist.engine.tracking"):
+        mode, seconds = _timed_mode("auto")
+    assert mode == "offline" and seconds < 2.0
+    assert "WANDB_API_KEY invalid" in caplog.text
 
 
 class _OneProcess:

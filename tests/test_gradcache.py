@@ -91,6 +91,48 @@ def test_deepspeed_without_managed_accumulation_is_refused(recipe: Path) -> None
     check_chunking(load_config(recipe), {"managed_gradient_accumulation": False})  # chunks off: no concern
 
 
+class _DropoutTowers(torch.nn.Module):
+    """Two linear towers with dropout: the random draws that the second pass must replay."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.image, self.text = torch.nn.Linear(4, 8), torch.nn.Linear(4, 8)
+        self.drop = torch.nn.Dropout(0.5)
+
+    def forward(self, batch: dict) -> dict:
+        return {"image_feats": self.drop(self.image(batch["images"])),
+                "text_feats": self.drop(self.text(batch["texts"]))}
+
+
+@pytest.mark.usefixtures("fresh_accelerate")
+def test_second_pass_replays_the_first_pass_dropout_and_the_stream_continues() -> None:
+    from accelerate import Accelerator
+
+    from irra_dist.config import config_from_dict
+    from irra_dist.engine.gradcache import GradientCache
+    from irra_dist.losses import irra_losses
+
+    torch.manual_seed(0)
+    model = _DropoutTowers()
+    batch = {"images": torch.randn(6, 4), "texts": torch.randn(6, 4), "pids": torch.arange(6) // 2}
+    cfg = config_from_dict({"train": {"batch_size": 6, "chunk_size": 2},
+                            "loss": {"names": ["sdm"], "global_batch": False}})
+    # Reference: the chunks' forwards in order from seed 1, with a graph, and the loss on their features.
+    torch.manual_seed(1)
+    outs = [model(c) for c in split_batch(batch, 2)]
+    after = torch.get_rng_state()
+    feats = {k: torch.cat([o[k] for o in outs]) for k in ("image_feats", "text_feats")}
+    losses = irra_losses(feats, batch, ["sdm"], cfg.model.temperature, {"sdm": 1.0},
+                         normalizers={"batch": 6.0, "mlm": 1.0})
+    expected = torch.autograd.grad(losses["sdm_loss"], list(model.parameters()))
+    cache = GradientCache(Accelerator(cpu=True), model, cfg)
+    torch.manual_seed(1)
+    cache.backward(cache.forward(batch, [6], None, 0))
+    assert torch.equal(torch.get_rng_state(), after)
+    for param, grad in zip(model.parameters(), expected):
+        torch.testing.assert_close(param.grad, grad)
+
+
 # --------------------------------------------------------------------------------------------------
 # Whole runs against the unchunked reference
 

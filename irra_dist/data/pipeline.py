@@ -56,30 +56,23 @@ logger = logging.getLogger(__name__)
 _STREAM_ORDER = 0
 _STREAM_IMAGE = 1
 _STREAM_MLM = 2
-_MASK64 = (1 << 64) - 1
 _READ_ERRORS = (*DECODE_ERRORS, RecordError, KeyError, IndexError, TypeError)
 
 
-def _splitmix64(x: int) -> int:
-    x = (x + 0x9E3779B97F4A7C15) & _MASK64
-    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
-    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
-    return x ^ (x >> 31)
-
-
 def derive_seed(*parts: int) -> int:
-    """Hash integers (run seed, epoch, position, stream) into an independent 63-bit seed.
+    """An independent 63-bit seed for (run seed, epoch, position, stream), drawn by NumPy's ``SeedSequence``.
+
+    The run seed is the entropy and the other parts the spawn key (the path to a child sequence), so keys
+    that differ in any part (each below 2**32) or in length give unrelated seeds.
 
     Args:
-        *parts: any integers; negative values are taken modulo 2**64.
+        *parts: integers, the run seed first; negative values are taken modulo 2**64.
 
     Returns:
-        A seed in ``[0, 2**63)`` for ``torch.Generator.manual_seed`` or numpy.
+        A seed in ``[0, 2**63)`` for ``torch.Generator.manual_seed``, ``random.Random`` or numpy.
     """
-    state = 0
-    for part in parts:
-        state = _splitmix64(state ^ (part & _MASK64))
-    return state >> 1
+    entropy, *key = (part % (1 << 64) for part in parts)
+    return int(np.random.SeedSequence(entropy, spawn_key=key).generate_state(1, np.uint64)[0] >> 1)
 
 
 class _RateLimitedWarning:
@@ -203,8 +196,8 @@ class _TrainDataset(Dataset):
             _warn_skip(f"train sample {sample} (record {record} in "
                        f"{index.shard_files[int(index.shard[record])]}) is unreadable: {err}")
             return None
-        image_gen = torch.Generator().manual_seed(derive_seed(self.seed, epoch, position, _STREAM_IMAGE))
-        out = {"images": train_transform(image, image_gen, self.image_size, self.image_aug),
+        image_seed = derive_seed(self.seed, epoch, position, _STREAM_IMAGE)
+        out = {"images": train_transform(image, image_seed, self.image_size, self.image_aug),
                "caption_ids": tokenize(caption),
                "pids": int(index.pid[record]) + self.pid_offset[source],
                "image_ids": int(index.image_id[record]),

@@ -140,8 +140,8 @@ class _StreamDataset(IterableDataset):
             _warn_skip(f"streamed sample {item['where']} is unreadable: {err}")
             return None
         seed = (self.seed, epoch, stream, position)
-        image_gen = torch.Generator().manual_seed(derive_seed(*seed, _STREAM_IMAGE))
-        out = {"images": train_transform(image, image_gen, self.image_size, self.image_aug),
+        image_seed = derive_seed(*seed, _STREAM_IMAGE)
+        out = {"images": train_transform(image, image_seed, self.image_size, self.image_aug),
                "caption_ids": tokenize(item["caption"]), "pids": item["pid"], "image_ids": item["image_id"],
                "sample_index": position}
         if self.mlm:

@@ -4,7 +4,7 @@ Layout of a run folder's ``checkpoints/``::
 
     state-00000120-3f9a1c/      one complete checkpoint (never modified after it is complete)
         model.safetensors, optimizer.bin, ...   Accelerate's save_state (or DeepSpeed's files)
-        rng_state_<rank>.safetensors            every rank's RNG state (no pickle)
+        random_states_<rank>.pkl                every rank's RNG states (Accelerate's save_state)
         trainer_state.json                      epoch, position in the epoch, step, best R1, scheduler
         files.json                              every file's size and SHA-256, written last: marks the
                                                 save complete; checked on every rank at resume
@@ -15,12 +15,12 @@ A save writes into ``.saving/`` and renames it to ``state-*`` only when every ra
 links; a crash at any point leaves the previous ``last`` and ``best`` untouched. Directories no link points
 to are removed afterwards.
 
-Loading runs no pickled code for Accelerate checkpoints: the model is safetensors, the optimizer goes
-through ``torch.load(weights_only=True)`` (Accelerate's loader), the RNG states are safetensors here and the
-trainer state is JSON. Accelerate also writes ``random_states_<rank>.pkl`` and reads it back with
-``weights_only=True`` but silently ignores failures; the RNG file here is restored afterwards and reports
-problems. DeepSpeed's own checkpoint files are read by DeepSpeed with ``torch.load(weights_only=False)``:
-only resume DeepSpeed runs from checkpoints you wrote yourself.
+Loading runs no pickled code for Accelerate checkpoints: the model is safetensors, the optimizer and the
+RNG states (Python, NumPy, torch CPU and every CUDA device) go through Accelerate's
+``torch.load(weights_only=True)``, and the trainer state is JSON. Accelerate only logs when it cannot restore
+the RNG states; here every file is hash-checked before loading, and a rank without a file (a resume with more
+processes) is warned about. DeepSpeed's own checkpoint files are read by DeepSpeed with
+``torch.load(weights_only=False)``: only resume DeepSpeed runs from checkpoints you wrote yourself.
 """
 
 from __future__ import annotations
@@ -29,7 +29,6 @@ import dataclasses
 import json
 import logging
 import os
-import random
 import shutil
 import uuid
 from collections.abc import Sequence
@@ -38,12 +37,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedType
-from safetensors import SafetensorError
-from safetensors.torch import save_file
+from accelerate.utils import RNG_STATE_NAME, DistributedType
 from torch import nn
 
 from irra_dist.engine.accel import unwrap, zero_stage
@@ -54,7 +50,8 @@ from irra_dist.model.weights import CHECKPOINTS_DIR, FILES_FILE
 logger = logging.getLogger(__name__)
 
 STATE_FILE = "trainer_state.json"
-RNG_FILE = "rng_state_{rank}.safetensors"
+RNG_FILE = f"{RNG_STATE_NAME}_{{rank}}.pkl"
+"""Accelerate's RNG file of one rank, written by save_state and restored by load_state."""
 SAVING_DIR = ".saving"
 LINK_NAMES = ("last", "best")
 _STATE_PREFIX = "state-"
@@ -94,53 +91,6 @@ class TrainerState:
         except (json.JSONDecodeError, TypeError) as err:
             raise CheckpointError(f"{source} is not a valid trainer state ({err}): resume from another "
                                   "checkpoint") from None
-
-
-# --------------------------------------------------------------------------------------------------
-# RNG state without pickle
-
-
-def save_rng_state(path: Path) -> None:
-    """Write the Python, NumPy, torch CPU and CUDA generator states of this process as safetensors."""
-    version, mt_state, gauss = random.getstate()
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
-    tensors = {
-        "torch_cpu": torch.get_rng_state(),
-        "python_mt": torch.tensor(mt_state, dtype=torch.int64),
-        "numpy_keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)),
-    }
-    if torch.cuda.is_available():
-        for i, state in enumerate(torch.cuda.get_rng_state_all()):
-            tensors[f"cuda_{i}"] = state
-    metadata = {"python_version": str(version), "python_gauss": json.dumps(gauss), "numpy_kind": kind,
-                "numpy_pos": str(pos), "numpy_has_gauss": str(has_gauss), "numpy_cached": repr(cached)}
-    save_file(tensors, str(path), metadata=metadata)
-
-
-def restore_rng_state(path: Path) -> None:
-    """Restore what :func:`save_rng_state` wrote.
-
-    Raises:
-        CheckpointError: an unreadable file.
-    """
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-        random.setstate((int(meta["python_version"]), tuple(tensors["python_mt"].tolist()),
-                         json.loads(meta["python_gauss"])))
-        np.random.set_state((meta["numpy_kind"], tensors["numpy_keys"].numpy().astype(np.uint32),
-                             int(meta["numpy_pos"]), int(meta["numpy_has_gauss"]),
-                             float(meta["numpy_cached"])))
-        torch.set_rng_state(tensors["torch_cpu"])
-        cuda = [tensors[f"cuda_{i}"] for i in range(torch.cuda.device_count()) if f"cuda_{i}" in tensors]
-        if cuda and len(cuda) == torch.cuda.device_count():
-            torch.cuda.set_rng_state_all(cuda)
-    except (SafetensorError, OSError, KeyError, ValueError) as err:
-        raise CheckpointError(f"cannot restore the RNG state from {path} ({err}): the checkpoint is "
-                              "corrupt; resume from another one") from None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -206,7 +156,6 @@ def save_checkpoint(accelerator: Accelerator, run_dir: Path, state: TrainerState
     accelerator.wait_for_everyone()
     # DeepSpeed needs every rank in save_state (each writes its own optimizer partition).
     accelerator.save_state(str(staging))
-    save_rng_state(staging / RNG_FILE.format(rank=accelerator.process_index))
     if accelerator.is_main_process:
         (staging / STATE_FILE).write_text(state.to_json())
     accelerator.wait_for_everyone()
@@ -363,10 +312,7 @@ def load_checkpoint(accelerator: Accelerator, checkpoint: Path) -> TrainerState:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise CheckpointError(f"cannot load checkpoint {checkpoint}: {first[:200]} (was it written by a "
                               "run with the same model and launcher config?)") from None
-    rng_file = checkpoint / RNG_FILE.format(rank=accelerator.process_index)
-    if rng_file.is_file():
-        restore_rng_state(rng_file)
-    else:
+    if not (checkpoint / RNG_FILE.format(rank=accelerator.process_index)).is_file():
         logger.warning("checkpoint %s has no RNG state for rank %d (saved with fewer processes); this rank "
                        "keeps its seeded state", checkpoint, accelerator.process_index)
     return state

@@ -11,10 +11,12 @@ in two passes over this rank's batch cut into chunks of ``chunk_size`` rows (the
 2. Every chunk runs forward again with a graph and back-propagates ``<features, g> + local losses``; the sum
    over chunks of those parameter gradients is the plain step's gradient, term for term.
 
-The random state is captured before each chunk's first forward and restored before its second, so anything
-random inside the model (dropout, drop-path) draws the same numbers in both passes; afterwards the stream
-continues from where the first pass left it. The rank-local losses keep the plain step's normalisation
-(sums over the rank's rows divided by ``global count / world size``), so chunks sum to the same value.
+The random state is captured before each chunk's first forward and restored before its second, as
+``torch.utils.checkpoint`` does for its re-forward (with its device-state helpers, inside
+``torch.random.fork_rng``), so anything random inside the model (dropout, drop-path) draws the same numbers
+in both passes; afterwards the stream continues from where the second pass began. The rank-local losses
+keep the plain step's normalisation (sums over the rank's rows divided by ``global count / world size``), so
+chunks sum to the same value.
 
 Gradients are reduced once per micro-batch under DDP: every chunk but the last runs in ``no_sync``. Under
 DeepSpeed each chunk's backward goes through the engine with the accumulation boundary set only on the last
@@ -33,6 +35,7 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType
+from torch.utils.checkpoint import get_device_states, set_device_states
 
 from irra_dist.config import Config, ConfigError
 from irra_dist.distributed import gather_columns
@@ -89,22 +92,8 @@ def split_batch(batch: Mapping[str, Any], chunk_size: int) -> list[dict[str, Any
              else v for k, v in batch.items()} for s in starts]
 
 
-@dataclass
-class _RngState:
-    """The CPU and (if used) current CUDA generator states, to replay a forward's random draws."""
-
-    cpu: torch.Tensor
-    cuda: torch.Tensor | None
-
-    @classmethod
-    def capture(cls, device: torch.device) -> _RngState:
-        cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
-        return cls(torch.get_rng_state(), cuda)
-
-    def restore(self, device: torch.device) -> None:
-        torch.set_rng_state(self.cpu)
-        if self.cuda is not None:
-            torch.cuda.set_rng_state(self.cuda, device)
+RngState = tuple[torch.Tensor, list[int], list[torch.Tensor]]
+"""The CPU generator's state, and the devices and generator states of a GPU forward (none on the CPU)."""
 
 
 @dataclass
@@ -117,8 +106,8 @@ class CachedStep:
     accs: dict[str, torch.Tensor]
     """Accuracies over this rank's rows (MLM: over its masked tokens), as :func:`irra_accuracies`."""
     chunks: list[dict[str, Any]]
-    rng: list[_RngState]
-    rng_after: _RngState
+    rng: list[RngState]
+    """Each chunk's random state before its first forward."""
     features: tuple[torch.Tensor, torch.Tensor] | None
     """The cached image/text features (leaves) when a global loss is on."""
     global_total: torch.Tensor | None
@@ -162,14 +151,14 @@ class GradientCache:
         norm = dict(normalizers) if normalizers is not None else {"batch": float(max(rows, 1)),
                                                                   "mlm": float(max(masked, 1))}
         chunks = split_batch(batch, self.chunk_size)
-        rng: list[_RngState] = []
+        rng: list[RngState] = []
         image_feats, text_feats = [], []
         local_sums: dict[str, torch.Tensor] = {}
         acc_sums: dict[str, torch.Tensor] = {}
         logit_scale = None
         with torch.no_grad():
             for chunk in chunks:
-                rng.append(_RngState.capture(self.device))
+                rng.append((torch.get_rng_state(), *get_device_states(chunk["pids"])))
                 out = self.model(chunk)
                 image_feats.append(out["image_feats"])
                 text_feats.append(out["text_feats"])
@@ -177,7 +166,6 @@ class GradientCache:
                 for key, value in self._local_losses(out, chunk, norm).items():
                     local_sums[key] = local_sums[key] + value if key in local_sums else value
                 _add_weighted_accs(acc_sums, irra_accuracies(out, chunk), out, chunk)
-        rng_after = _RngState.capture(self.device)
         losses: dict[str, torch.Tensor] = {}
         features = global_total = None
         if self.global_names:
@@ -197,7 +185,7 @@ class GradientCache:
         accs = {k: v / max(rows, 1) for k, v in acc_sums.items() if k != "mlm_acc"}
         if "mlm_acc" in acc_sums and masked_tokens is not None:
             accs["mlm_acc"] = acc_sums["mlm_acc"] / masked_tokens.clamp_min(1)
-        return CachedStep(losses, total, accs, chunks, rng, rng_after, features, global_total, norm)
+        return CachedStep(losses, total, accs, chunks, rng, features, global_total, norm)
 
     def backward(self, step: CachedStep, loss_scale: float = 1.0) -> None:
         """Pass 2: re-run each chunk with a graph and back-propagate its share of the step's loss.
@@ -214,18 +202,23 @@ class GradientCache:
             cached_grads = list(zip(image_grad.split(sizes), text_grad.split(sizes)))
         step.features = step.global_total = None  # free the pass-1 graph before the chunk graphs
         last = len(step.chunks) - 1
-        for i, chunk in enumerate(step.chunks):
-            step.rng[i].restore(self.device)
-            with self._sync_context(i == last):
-                out = self.model(chunk)
-                terms = []
-                if cached_grads is not None:
-                    image_grad, text_grad = cached_grads[i]
-                    terms += [(out["image_feats"] * image_grad).sum(), (out["text_feats"] * text_grad).sum()]
-                terms += list(self._local_losses(out, chunk, step.normalizers).values())
-                surrogate = torch.stack(terms).sum()
-                self._backward(surrogate * loss_scale if loss_scale != 1.0 else surrogate, i == last)
-        step.rng_after.restore(self.device)
+        device_type = self.device.type
+        # fork_rng puts back the state from before this pass (the trainer draws nothing between the passes).
+        with torch.random.fork_rng(devices=step.rng[0][1], device_type=device_type):
+            for i, chunk in enumerate(step.chunks):
+                cpu_state, devices, device_states = step.rng[i]
+                torch.set_rng_state(cpu_state)
+                set_device_states(devices, device_states, device_type=device_type)
+                with self._sync_context(i == last):
+                    out = self.model(chunk)
+                    terms = []
+                    if cached_grads is not None:
+                        image_grad, text_grad = cached_grads[i]
+                        terms += [(out["image_feats"] * image_grad).sum(),
+                                  (out["text_feats"] * text_grad).sum()]
+                    terms += list(self._local_losses(out, chunk, step.normalizers).values())
+                    surrogate = torch.stack(terms).sum()
+                    self._backward(surrogate * loss_scale if loss_scale != 1.0 else surrogate, i == last)
 
     def _local_losses(self, out: Mapping[str, torch.Tensor], chunk: Mapping[str, Any],
                       normalizers: Mapping[str, float]) -> dict[str, torch.Tensor]:

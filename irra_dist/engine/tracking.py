@@ -1,78 +1,46 @@
-"""Weights & Biases through Accelerate's trackers: offline unless a key is configured and the server answers.
+"""Weights & Biases through Accelerate's trackers: offline unless wandb finds a key that its server accepts.
 
 The run's W&B files live in the run folder (``WANDB_DIR``), so an offline run can be uploaded later with
-``wandb sync <run_dir>/wandb/offline-run-*``. Nothing here may block on the network for long: the only
-online check is a TCP connect with a short timeout, and only when credentials exist.
+``wandb sync <run_dir>/wandb/offline-run-*``. ``logging.wandb_mode=auto`` leaves the decision to wandb's own
+login: its credential lookup (``WANDB_API_KEY``, the netrc file, ``wandb login``), never a prompt, and, only
+when a key is found, one check of it with the server that gives up after ``WANDB_HTTP_TIMEOUT`` seconds
+(wandb's default: 10). Without a key the answer is offline at once, with no network access.
 """
 
 from __future__ import annotations
 
 import logging
-import netrc
 import os
-import socket
 import uuid
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
 
 from irra_dist.config import LoggingConfig
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_BASE_URL = "https://api.wandb.ai"
-PROBE_TIMEOUT_S = 3.0
 
+def resolve_wandb_mode(setting: str) -> str:
+    """``logging.wandb_mode`` to ``"online"`` or ``"offline"``; logs why ``"auto"`` chose offline.
 
-def _base_url(env: Mapping[str, str]) -> str:
-    return env.get("WANDB_BASE_URL", DEFAULT_BASE_URL)
-
-
-def has_wandb_credentials(env: Mapping[str, str] | None = None, netrc_file: Path | None = None) -> bool:
-    """True when an API key is configured: ``WANDB_API_KEY`` or a ``~/.netrc`` entry (``wandb login``).
-
-    Args:
-        env: environment to read (``os.environ`` when None).
-        netrc_file: netrc path (``$NETRC`` or ``~/.netrc`` when None).
+    ``"auto"`` is online only when wandb finds credentials and its server accepts them (an unreachable
+    server, a rejected or malformed key: offline); an explicit ``WANDB_MODE=offline`` in the environment
+    always wins.
     """
-    env = os.environ if env is None else env
-    if env.get("WANDB_API_KEY"):
-        return True
-    path = netrc_file or Path(env.get("NETRC", Path.home() / ".netrc"))
-    host = urlparse(_base_url(env)).hostname or ""
-    try:
-        return netrc.netrc(str(path)).authenticators(host) is not None
-    except (OSError, netrc.NetrcParseError):
-        return False
-
-
-def service_reachable(base_url: str, timeout_s: float = PROBE_TIMEOUT_S) -> bool:
-    """Whether a TCP connection to the W&B server opens within `timeout_s`."""
-    parsed = urlparse(base_url)
-    port = parsed.port or (443 if parsed.scheme == "https" else 80)
-    try:
-        with socket.create_connection((parsed.hostname or "", port), timeout=timeout_s):
-            return True
-    except OSError:
-        return False
-
-
-def resolve_wandb_mode(setting: str, env: Mapping[str, str] | None = None,
-                       netrc_file: Path | None = None) -> str:
-    """``logging.wandb_mode`` to ``"online"`` or ``"offline"``.
-
-    ``"auto"`` is online only when credentials exist and the server answers a connect within a few
-    seconds; an explicit ``WANDB_MODE=offline`` in the environment always wins.
-    """
-    env = os.environ if env is None else env
-    if env.get("WANDB_MODE") in ("offline", "disabled", "dryrun"):
+    if os.environ.get("WANDB_MODE") in ("offline", "disabled", "dryrun"):
         return "offline"
     if setting != "auto":
         return setting
-    if not has_wandb_credentials(env, netrc_file):
-        return "offline"
-    return "online" if service_reachable(_base_url(env)) else "offline"
+    import wandb
+
+    try:
+        if wandb.login(prompt=False, verify=True):
+            return "online"
+        reason = "no API key configured (WANDB_API_KEY, a netrc entry or wandb login)"
+    except wandb.Error as err:  # verification failed: unreachable server, rejected or malformed key
+        reason = str(err)
+    logger.info("W&B is offline: %s", reason)
+    return "offline"
 
 
 def new_run_id() -> str:
@@ -93,11 +61,13 @@ def init_wandb(accelerator: Any, cfg: LoggingConfig, *, run_dir: Path, run_name:
         config: the resolved run config, stored with the run.
 
     Returns:
-        The mode used, ``"online"`` or ``"offline"``.
+        The mode used, ``"online"`` or ``"offline"`` (``"offline"`` on the processes that start nothing).
     """
-    mode = resolve_wandb_mode(cfg.wandb_mode)
-    # The mode goes to wandb.init (not the environment), so it does not leak into a later run.
+    # Before wandb reads its environment (in resolve_wandb_mode's login), so that it never sees it change.
     os.environ["WANDB_DIR"] = str(run_dir)
+    # Only the main process starts W&B (and checks the key); the mode goes to wandb.init, not the environment,
+    # so it does not leak into a later run.
+    mode = resolve_wandb_mode(cfg.wandb_mode) if accelerator.is_main_process else "offline"
     # quiet: no W&B history/summary panel after the run's own final table (the same numbers, less readable).
     init_kwargs: dict[str, Any] = {"name": run_name, "dir": str(run_dir), "id": run_id, "resume": "allow",
                                    "mode": mode, "settings": {"quiet": True}}
@@ -106,10 +76,8 @@ def init_wandb(accelerator: Any, cfg: LoggingConfig, *, run_dir: Path, run_name:
     if cfg.group:
         init_kwargs["group"] = cfg.group
     accelerator.init_trackers(cfg.project, config=config, init_kwargs={"wandb": init_kwargs})
-    if mode == "offline":
-        logger.info("W&B is offline (%s); upload later with: wandb sync %s/wandb/offline-run-*",
-                    "no API key configured" if not has_wandb_credentials() else "server unreachable",
-                    run_dir)
+    if mode == "offline" and accelerator.is_main_process:
+        logger.info("upload the offline W&B run later with: wandb sync %s/wandb/offline-run-*", run_dir)
     return mode
 
 

@@ -161,8 +161,8 @@ def _embedding_rows(quick: bool) -> list[dict]:
     import torch
 
     from irra_dist.config import load_config, save_config
+    from irra_dist.engine.index_cli import main as index_main
     from irra_dist.model import build_irra_from_config, save_weights_safetensors
-    from irra_dist.serving.index_cli import main as index_main
     from irra_dist.synthetic.dataset import generate_synthetic_dataset
 
     num_ids = 16 if quick else 200

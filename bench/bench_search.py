@@ -25,8 +25,8 @@ from common import bench_main
 from irra_dist.config import load_config, save_config
 from irra_dist.data.parsers import parse_dataset
 from irra_dist.data.shards import build_shards
+from irra_dist.engine.search_cli import main as search_main
 from irra_dist.model import build_irra_from_config, save_weights_safetensors
-from irra_dist.search import main as search_main
 from irra_dist.synthetic.dataset import generate_synthetic_dataset
 
 QUERY = "a woman wearing a red coat and black trousers, carrying a blue backpack"

@@ -1,7 +1,7 @@
 """Build a gallery index: ``python launch/index.py build RUN --gallery FOLDER --out INDEX_DIR``.
 
 Every GPU: ``accelerate launch --multi_gpu --num_processes N launch/index.py build ...``. The same entry point
-as ``irra-index`` (:func:`irra_dist.serving.index_cli.main`).
+as ``irra-index`` (:func:`irra_dist.engine.index_cli.main`).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ try:
 except ModuleNotFoundError:  # running from a checkout that was not pip-installed
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from irra_dist.serving.index_cli import main as index_main
+from irra_dist.engine.index_cli import main as index_main
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -126,11 +126,11 @@ def launch() -> Callable[..., subprocess.CompletedProcess]:
     return run
 
 
-def run_group(cmd: list[str], *, timeout: float, env: dict[str, str] | None = None,
+def run_group(cmd: list[str], *, timeout: float, env: dict[str, str] | None = None, cwd: Path = REPO,
               ) -> subprocess.CompletedProcess:
-    """Run `cmd` from the repository root in its own process group; on timeout kill the whole group (a
-    launcher's training processes included), then fail the test."""
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env or subprocess_env(), stdout=subprocess.PIPE,
+    """Run `cmd` (from the repository root by default) in its own process group; on timeout kill the whole
+    group (a launcher's training processes included), then fail the test."""
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env or subprocess_env(), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
         out, err = proc.communicate(timeout=timeout)
@@ -144,6 +144,49 @@ def run_group(cmd: list[str], *, timeout: float, env: dict[str, str] | None = No
         except ProcessLookupError:
             pass
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+def small_irra(width: int = 32, heads: int = 2):
+    """A random-init IRRA for the tiny shard set (13 train ids, 64x32 input, one layer a tower), eval mode."""
+    from irra_dist.model import build_irra
+
+    return build_irra(13, embed_dim=32, image_size=(64, 32), patch_size=16, stride_size=16,
+                      vision_width=width, vision_layers=1, vision_heads=heads, text_width=width,
+                      text_layers=1, text_heads=heads, cmt_depth=1).eval()
+
+
+def direct_metrics(model, shards: Path, image_size: tuple[int, int] = (64, 32)) -> dict:
+    """The reference for evaluation tests: every test image and caption of `shards` embedded by the model's
+    towers called directly, scored by retrieval_metrics (itself checked against a naive sort)."""
+    import torch
+
+    from irra_dist.data.pipeline import build_eval_loaders
+    from irra_dist.evaluation.metrics import retrieval_metrics
+
+    gallery, queries = build_eval_loaders(shards, "test", batch_size=64, image_size=image_size)
+    with torch.no_grad():
+        g = [(model.encode_image(b["images"]), b["pids"]) for b in gallery]
+        q = [(model.encode_text(b["caption_ids"]), b["pids"]) for b in queries]
+    return retrieval_metrics(torch.cat([f for f, _ in q]), torch.cat([f for f, _ in g]),
+                             torch.cat([p for _, p in q]), torch.cat([p for _, p in g]))
+
+
+def train_reference(recipe: Path, run_name: str = "ref") -> Path:
+    """Train `recipe` in this process on one thread, as each launched process runs: the 1-process reference
+    that the multi-process runs are compared with. Returns the run folder."""
+    import torch
+
+    from irra_dist.config import load_config
+    from irra_dist.engine.trainer import train
+
+    reset_accelerate()
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return train(load_config(recipe, [f"train.run_name={run_name}"]))
+    finally:
+        torch.set_num_threads(before)
+        reset_accelerate()
 
 
 @pytest.fixture(scope="session")

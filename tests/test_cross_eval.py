@@ -7,26 +7,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import direct_metrics, small_irra
 
 from irra_dist.engine.cli import evaluate_main
 
 
-def _direct_metrics(model, shards: Path) -> dict:
-    """The reference: embed every gallery image and query with the model itself and score them."""
-    from irra_dist.data.pipeline import build_eval_loaders
-    from irra_dist.evaluation.metrics import retrieval_metrics
-
-    gallery, queries = build_eval_loaders(shards, "test", batch_size=64, image_size=(64, 32))
-    with torch.no_grad():
-        g = [(model.encode_image(b["images"]), b["pids"]) for b in gallery]
-        q = [(model.encode_text(b["caption_ids"]), b["pids"]) for b in queries]
-    return retrieval_metrics(torch.cat([f for f, _ in q]), torch.cat([f for f, _ in g]),
-                             torch.cat([p for _, p in q]), torch.cat([p for _, p in g]))
-
-
 def test_one_row_per_shard_set(tiny_shards: Path, tmp_path: Path, capsys, fresh_accelerate) -> None:
     from irra_dist.data.shards import build_shards
-    from irra_dist.model import build_irra, save_weights_safetensors
+    from irra_dist.model import save_weights_safetensors
     from irra_dist.synthetic.dataset import generate_synthetic_dataset
 
     # A second population: other people, other captions, another gallery size.
@@ -36,9 +24,7 @@ def test_one_row_per_shard_set(tiny_shards: Path, tmp_path: Path, capsys, fresh_
     build_shards("CUHK-PEDES", tmp_path / "other", other, shard_size=8, workers=1)
 
     torch.manual_seed(0)
-    model = build_irra(13, embed_dim=32, image_size=(64, 32), patch_size=16, stride_size=16, vision_width=32,
-                       vision_layers=1, vision_heads=2, text_width=32, text_layers=1, text_heads=2,
-                       cmt_depth=1).eval()
+    model = small_irra()
     weights = tmp_path / "model.safetensors"
     save_weights_safetensors(model, weights)
     out = tmp_path / "cross.json"
@@ -53,4 +39,4 @@ def test_one_row_per_shard_set(tiny_shards: Path, tmp_path: Path, capsys, fresh_
     assert [r["shards"] for r in results] == [str(tiny_shards), str(other)]
     assert [r["num_gallery"] for r in results] == [20, 18]
     for result, shards in zip(results, (tiny_shards, other)):
-        assert result["metrics"]["t2i"] == pytest.approx(_direct_metrics(model, shards), abs=1e-4)
+        assert result["metrics"]["t2i"] == pytest.approx(direct_metrics(model, shards), abs=1e-4)

@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import REPO, subprocess_env
+from conftest import REPO, direct_metrics, small_irra, subprocess_env
 from PIL import Image
 
 from irra_dist.engine.cli import evaluate_main, train_main
@@ -201,23 +201,14 @@ def test_evaluate_official_best_pth_equals_scoring_the_model_directly(tiny_shard
                                                                        capsys) -> None:
     import torch
 
-    from irra_dist.data.pipeline import build_eval_loaders
-    from irra_dist.evaluation.metrics import retrieval_metrics
-    from irra_dist.model import build_irra, export_official_checkpoint
+    from irra_dist.model import export_official_checkpoint
 
     torch.manual_seed(0)
     # 64-wide attention heads, as in CLIP: an official file does not record the head count.
-    model = build_irra(13, embed_dim=32, image_size=(64, 32), patch_size=16, stride_size=16, vision_width=64,
-                       vision_layers=1, vision_heads=1, text_width=64, text_layers=1, text_heads=1,
-                       cmt_depth=1).eval()
+    model = small_irra(width=64, heads=1)
     pth = tmp_path / "best.pth"
     export_official_checkpoint(model, pth)
-    gallery, queries = build_eval_loaders(tiny_shards, "test", batch_size=64, image_size=(64, 32))
-    with torch.no_grad():
-        g = [(model.encode_image(b["images"]), b["pids"]) for b in gallery]
-        q = [(model.encode_text(b["caption_ids"]), b["pids"]) for b in queries]
-    expected = retrieval_metrics(torch.cat([f for f, _ in q]), torch.cat([f for f, _ in g]),
-                                 torch.cat([p for _, p in q]), torch.cat([p for _, p in g]))
+    expected = direct_metrics(model, tiny_shards)
     out = tmp_path / "metrics.json"
     args = [str(pth), "--shards", str(tiny_shards), "--image-size", "64x32", "--stride", "16",
             "--num-workers", "0", "--batch-size", "6", "--out", str(out)]

@@ -13,12 +13,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY_TRAIN_IDS, reset_accelerate
+from conftest import TINY_TRAIN_IDS, train_reference
 from safetensors.torch import load_file
 
-from irra_dist.config import load_config
-from irra_dist.engine.runfolder import load_run_config
 from irra_dist.engine.runlog import read_metrics
+from irra_dist.run_config import load_run_config
 
 pytestmark = [pytest.mark.dist, pytest.mark.slow, pytest.mark.usefixtures("fresh_accelerate")]
 
@@ -38,18 +37,10 @@ def _eval_row(run_dir: Path) -> dict:
 @pytest.fixture(scope="module")
 def runs(make_tiny_recipe, launch, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """The reference run and the two 2-process runs, trained once for the module."""
-    from irra_dist.engine.trainer import train
 
     tmp = tmp_path_factory.mktemp("dist_runs")
     recipe = make_tiny_recipe(tmp)
-    reset_accelerate()
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # the launched processes run one thread each too
-    try:
-        out = {"ref": train(load_config(recipe, ["train.run_name=ref"]))}
-    finally:
-        torch.set_num_threads(before)
-        reset_accelerate()
+    out = {"ref": train_reference(recipe)}
     for name, accelerate_config, extra in (("ddp", "cpu_2proc.yaml", []),
                                            ("zero2", "deepspeed_zero2.yaml", ["--num_processes", "2"])):
         done = launch(accelerate_config, "train.py",

@@ -193,7 +193,7 @@ def test_cpu_threads_share_the_cores_among_local_processes(monkeypatch) -> None:
 @pytest.mark.parametrize("remote", ["http://127.0.0.1:8000/set/", "pipe:curl -s http://h/set"])
 def test_remote_shard_locations_are_stored_as_written(remote: str, tmp_path: Path, monkeypatch):
     """The run folder stores local locations absolute, but a URL is no path: Path() would fold its '//'."""
-    from irra_dist.engine.runfolder import absolute_locations, relocate
+    from irra_dist.run_config import absolute_locations, relocate
     monkeypatch.chdir(tmp_path)
     cfg = config_from_dict({"data": {"shards": remote, "demo_shards": "rel/demo"}})
     stored = absolute_locations(cfg)

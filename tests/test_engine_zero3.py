@@ -24,10 +24,9 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import REPO, TINY_RECIPE, free_port, reset_accelerate, subprocess_env
+from conftest import REPO, TINY_RECIPE, free_port, subprocess_env, train_reference
 from safetensors.torch import load_file
 
-from irra_dist.config import load_config
 from irra_dist.engine.runlog import read_metrics
 
 pytestmark = [pytest.mark.dist, pytest.mark.slow, pytest.mark.usefixtures("fresh_accelerate")]
@@ -72,7 +71,6 @@ def _two_machines(recipe: Path, name: str) -> list[subprocess.CompletedProcess]:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory, launch) -> dict[str, Path]:
     from irra_dist.data.shards import build_shards
-    from irra_dist.engine.trainer import train
     from irra_dist.synthetic.dataset import generate_synthetic_dataset
 
     tmp = tmp_path_factory.mktemp("zero3")
@@ -83,14 +81,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory, launch) -> dict[str, Path]:
     data = {**TINY_RECIPE["data"], "shards": str(tmp / "shards")}
     train_section = {**TINY_RECIPE["train"], "output_dir": str(tmp / "runs")}
     recipe.write_text(yaml.safe_dump({**TINY_RECIPE, "data": data, "train": train_section}))
-    reset_accelerate()
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # the launched processes run one thread each too
-    try:
-        out = {"ref": train(load_config(recipe, ["train.run_name=ref"]))}
-    finally:
-        torch.set_num_threads(before)
-        reset_accelerate()
+    out = {"ref": train_reference(recipe)}
 
     ds = ["--num_processes", "2"]
     zero3 = tmp / "runs" / "zero3"

@@ -7,9 +7,9 @@ import pytest
 
 from irra_dist.engine.build_shards_cli import _arg_parser as build_parser
 from irra_dist.engine.cli import eval_parser
+from irra_dist.engine.search_cli import gallery_arg_parser as search_parser
+from irra_dist.engine.search_cli import index_arg_parser as query_parser
 from irra_dist.image_size import parse_image_size
-from irra_dist.search import _arg_parser as search_parser
-from irra_dist.serving.query_cli import _arg_parser as query_parser
 
 
 @pytest.mark.parametrize("value", ["384x128", " 384 X 128 ", "384,128", (384, 128), [384, 128],

@@ -21,12 +21,20 @@ import pytest
 import torch
 from conftest import subprocess_env
 from PIL import Image
-from torchvision import transforms
+from search_reference import (
+    TINY,
+    parse_search_output,
+    reference_feats,
+    reference_ranking,
+    reference_transform,
+    write_tiny_run,
+)
 
-from irra_dist.config import config_from_dict, save_config
 from irra_dist.data.parsers import parse_dataset
 from irra_dist.data.shards import build_shards
-from irra_dist.model import IRRA, build_irra, save_weights_safetensors
+from irra_dist.engine import export_cli, index_cli, search_cli
+from irra_dist.model import IRRA, build_irra
+from irra_dist.retrieval import query
 from irra_dist.retrieval.index import (
     FEATURES_FILE,
     INDEX_FILE,
@@ -37,7 +45,6 @@ from irra_dist.retrieval.index import (
     normalize_rows,
     recall_at_k,
 )
-from irra_dist.serving import export_cli, index_cli, query_cli
 from irra_dist.synthetic.dataset import generate_synthetic_dataset
 from irra_dist.tokenizer import tokenize
 
@@ -45,13 +52,7 @@ pytest.importorskip("faiss")
 pytest.importorskip("onnxruntime")
 
 REPO = Path(__file__).resolve().parents[1]
-IMAGE_SIZE = (32, 16)
-TINY = dict(embed_dim=32, image_size=IMAGE_SIZE, patch_size=8, stride_size=8, vision_width=32,
-            vision_layers=1, vision_heads=2, text_width=32, text_heads=2, text_layers=1)
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 QUERIES = ["a man in a red shirt and blue trousers", "a woman wearing a long black coat"]
-ROW = re.compile(r"^\s+(\d+)\s+(-?\d+\.\d{4})\s+(?:(\d+)\s+)?(?:(correct|wrong)\s+)?(\S+)$")
 
 
 @pytest.fixture(autouse=True)
@@ -64,16 +65,6 @@ def _few_threads() -> None:
     faiss.omp_set_num_threads(1)
 
 
-def _write_run(run: Path, model: IRRA, shards: Path) -> Path:
-    run.mkdir(parents=True)
-    sizes = {k: v for k, v in TINY.items() if k != "image_size"}
-    cfg = {"model": {"pretrained": "none", "image_size": list(IMAGE_SIZE), "cmt_depth": 1, **sizes},
-           "data": {"shards": str(shards)}}
-    save_config(config_from_dict(cfg), run / "config.yaml")
-    save_weights_safetensors(model, run / "model.safetensors")
-    return run
-
-
 @pytest.fixture(scope="module")
 def world(tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
     root = tmp_path_factory.mktemp("index")
@@ -84,40 +75,12 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
     build_shards(parse_dataset("CUHK-PEDES", root / "data"), None, shards, shard_size=4, workers=1)
     torch.manual_seed(0)
     model = build_irra(3, cmt_depth=1, **TINY).eval()
-    run = _write_run(root / "run", model, shards)
+    run = write_tiny_run(root / "run", model, shards)
     torch.manual_seed(7)
-    other = _write_run(root / "other_run", build_irra(3, cmt_depth=1, **TINY).eval(), shards)
+    other = write_tiny_run(root / "other_run", build_irra(3, cmt_depth=1, **TINY).eval(), shards)
     records = [a for a in json.loads((dataset / "reid_raw.json").read_text()) if a["split"] == "test"]
     return SimpleNamespace(root=root, shards=shards, run=run, other=other, model=model, records=records,
                            images=sorted((dataset / "imgs" / "test").glob("*.jpg")))
-
-
-def _reference_feats(model: IRRA, paths: list[Path]) -> torch.Tensor:
-    """Image features the plain way: torchvision's test transform and the image tower."""
-    tf = transforms.Compose([transforms.Resize(IMAGE_SIZE), transforms.ToTensor(),
-                             transforms.Normalize(CLIP_MEAN, CLIP_STD)])
-    with torch.no_grad():
-        return model.encode_image(torch.stack([tf(Image.open(p).convert("RGB")) for p in paths]))
-
-
-def _reference_ranking(model: IRRA, paths: list[Path], texts: list[str], k: int) -> tuple[list, torch.Tensor]:
-    gallery = _reference_feats(model, paths).double()
-    with torch.no_grad():
-        text = model.encode_text(tokenize(texts)).double()
-    cos = (text / text.norm(dim=1, keepdim=True)) @ (gallery / gallery.norm(dim=1, keepdim=True)).t()
-    order = torch.argsort(cos, dim=1, descending=True)[:, :k]
-    return order.tolist(), cos.gather(1, order)
-
-
-def _parse(stdout: str) -> list[list[tuple]]:
-    queries: list[list[tuple]] = []
-    for line in stdout.splitlines():
-        if line.startswith("query "):
-            queries.append([])
-        elif (m := ROW.match(line)) and queries:
-            rank, score, pid, match, name = m.groups()
-            queries[-1].append((int(rank), float(score), None if pid is None else int(pid), match, name))
-    return queries
 
 
 def _build(model: Path, gallery: Path, out: Path, *extra: str) -> int:
@@ -184,10 +147,10 @@ def test_shard_index_answers_like_brute_force_cosine(world: SimpleNamespace, tmp
     argv = ["--index", str(tmp_path / "idx"), "--query", QUERIES[0], "--query", QUERIES[1],
             "--query-pid", str(world.records[0]["id"]), "--query-pid", "-1", "--top-k", "4",
             "--out", str(tmp_path / "grid.png")]
-    assert query_cli.main(argv) == 0
-    printed = _parse(capsys.readouterr().out)
+    assert search_cli.main(argv) == 0
+    printed = parse_search_output(capsys.readouterr().out)
     paths = [world.images[0].parent.parent / r["file_path"] for r in world.records]
-    order, scores = _reference_ranking(world.model, paths, QUERIES, 4)
+    order, scores = reference_ranking(world.model, paths, QUERIES, 4)
     assert [[row[4] for row in q] for q in printed] == [[world.records[i]["file_path"] for i in o]
                                                           for o in order]
     np.testing.assert_allclose([[row[1] for row in q] for q in printed], scores.numpy(), atol=1e-4)
@@ -227,7 +190,7 @@ def test_index_grows_by_embedding_only_new_or_changed_images(world: SimpleNamesp
     np.testing.assert_array_equal(np.load(out / FEATURES_FILE)[kept], first[1:5])
 
     paths = [folder / n for n in names]
-    reference = normalize_rows(_reference_feats(world.model, paths).numpy())
+    reference = normalize_rows(reference_feats(world.model, paths).numpy())
     np.testing.assert_allclose(np.load(out / FEATURES_FILE), reference, atol=1e-5)
 
 
@@ -258,7 +221,7 @@ def test_interrupted_build_resumes_from_saved_chunks(world: SimpleNamespace, tmp
     assert _build(world.run, folder, tmp_path / "idx", *args) == 0
     assert sum(calls) == 10 - 4, "the saved chunk of 4 images is not embedded again"
     assert not (tmp_path / "idx" / "partial").exists()
-    reference = normalize_rows(_reference_feats(world.model, world.images).numpy())
+    reference = normalize_rows(reference_feats(world.model, world.images).numpy())
     np.testing.assert_allclose(np.load(tmp_path / "idx" / FEATURES_FILE), reference, atol=1e-5)
 
 
@@ -270,7 +233,7 @@ def test_two_processes_embed_like_one(world: SimpleNamespace, tmp_path: Path, la
     done = launch("cpu_2proc.yaml", "index.py", args, timeout=600)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     assert done.stdout.count("10 images (10 embedded") == 1, "only the main process reports"
-    reference = normalize_rows(_reference_feats(world.model, world.images).numpy())
+    reference = normalize_rows(reference_feats(world.model, world.images).numpy())
     np.testing.assert_allclose(np.load(tmp_path / "idx" / FEATURES_FILE), reference, atol=1e-5)
     assert GalleryIndex(tmp_path / "idx").items.name == [p.name for p in world.images]
 
@@ -291,8 +254,7 @@ def test_onnx_towers_match_pytorch(world: SimpleNamespace, onnx_export: Path, ca
 
     meta = json.loads((onnx_export / "onnx.json").read_text())
     assert max(meta["max_abs_diff"].values()) <= 1e-4
-    tf = transforms.Compose([transforms.Resize(IMAGE_SIZE), transforms.ToTensor(),
-                             transforms.Normalize(CLIP_MEAN, CLIP_STD)])
+    tf = reference_transform()
     for batch in (1, 5):  # neither is the export's batch of 2: the batch dimension is dynamic
         images = torch.stack([tf(Image.open(p).convert("RGB")) for p in world.images[:batch]])
         ids = tokenize([c for r in world.records for c in r["captions"]][:batch])
@@ -313,9 +275,9 @@ def test_onnx_query_answers_like_torch_without_importing_torch(world: SimpleName
     assert _build(world.run, world.shards, index) == 0
     argv = ["--index", str(index), "--query", QUERIES[1], "--top-k", "5", "--out", str(tmp_path / "t.png")]
     capsys.readouterr()
-    assert query_cli.main(argv) == 0
-    with_torch = _parse(capsys.readouterr().out)
-    script = ("import json, sys\nfrom irra_dist.serving.query_cli import main\n"
+    assert search_cli.main(argv) == 0
+    with_torch = parse_search_output(capsys.readouterr().out)
+    script = ("import json, sys\nfrom irra_dist.engine.search_cli import main\n"
               f"code = main({[*argv[:-1], str(tmp_path / 'o.png'), '--runtime', 'onnx']!r})\n"
               "print(json.dumps({'code': code, 'torch': 'torch' in sys.modules}))\n")
     proc = subprocess.run([sys.executable, "-c", script], env=subprocess_env(), capture_output=True,
@@ -323,7 +285,7 @@ def test_onnx_query_answers_like_torch_without_importing_torch(world: SimpleName
     assert proc.returncode == 0, proc.stderr[-2000:]
     status = json.loads(proc.stdout.strip().splitlines()[-1])
     assert status == {"code": 0, "torch": False}, "the ONNX query path must not import torch"
-    with_onnx = _parse(proc.stdout)
+    with_onnx = parse_search_output(proc.stdout)
     assert [[r[4] for r in q] for q in with_onnx] == [[r[4] for r in q] for q in with_torch]
     np.testing.assert_allclose([[r[1] for r in q] for q in with_onnx],
                                [[r[1] for r in q] for q in with_torch], atol=2e-4)
@@ -357,17 +319,17 @@ def _bad_index_cases(world: SimpleNamespace, tmp: Path) -> dict[str, tuple]:
     export_cli.main([str(world.other), "--onnx", str(other_onnx)])
     q = ["--query", "a person"]
     return {
-        "corrupt index": (query_cli.main, ["--index", str(corrupt), *q]),
-        "garbage index.json": (query_cli.main, ["--index", str(garbage), *q]),
-        "not a faiss file": (query_cli.main, ["--index", str(swapped), *q]),
-        "no index": (query_cli.main, ["--index", str(tmp), *q]),
-        "empty query": (query_cli.main, ["--index", str(world.index), "--query", "  "]),
-        "no query": (query_cli.main, ["--index", str(world.index)]),
-        "another model (torch)": (query_cli.main, ["--index", str(world.index), "--run", str(world.other),
+        "corrupt index": (search_cli.main, ["--index", str(corrupt), *q]),
+        "garbage index.json": (search_cli.main, ["--index", str(garbage), *q]),
+        "not a faiss file": (search_cli.main, ["--index", str(swapped), *q]),
+        "no index": (search_cli.main, ["--index", str(tmp), *q]),
+        "empty query": (search_cli.main, ["--index", str(world.index), "--query", "  "]),
+        "no query": (search_cli.main, ["--index", str(world.index)]),
+        "another model (torch)": (search_cli.main, ["--index", str(world.index), "--run", str(world.other),
                                                    *q]),
-        "another model (onnx)": (query_cli.main, ["--index", str(world.index), "--runtime", "onnx", "--onnx",
+        "another model (onnx)": (search_cli.main, ["--index", str(world.index), "--runtime", "onnx", "--onnx",
                                                   str(other_onnx), *q]),
-        "missing onnx export": (query_cli.main, ["--index", str(world.index), "--runtime", "onnx", "--onnx",
+        "missing onnx export": (search_cli.main, ["--index", str(world.index), "--runtime", "onnx", "--onnx",
                                                  str(tmp / "nowhere"), *q]),
         "folder of non-images": (index_cli.main, ["build", str(world.run), "--gallery", str(texts),
                                                   "--out", str(tmp / "o1")]),
@@ -429,8 +391,8 @@ def test_exact_index_matches_pytorch_ranking_on_demo_gallery(demo_run: tuple[Pat
                                                              fresh_accelerate: None) -> None:
     from irra_dist.retrieval.cache import cached_gallery_features
     from irra_dist.retrieval.gallery import ShardGallery, split_caption_queries
+    from irra_dist.retrieval.model import load_search_model
     from irra_dist.retrieval.ranking import search
-    from irra_dist.search import load_search_model
 
     run, _ = demo_run
     loaded = load_search_model(run=run)
@@ -442,8 +404,8 @@ def test_exact_index_matches_pytorch_ranking_on_demo_gallery(demo_run: tuple[Pat
     expected = search(loaded, gallery, feats, fixed.texts, fixed.pids.tolist(), top_k=10)
 
     index = GalleryIndex(tmp_path / "idx")
-    encoder = query_cli.open_text_encoder(index, runtime="torch", device="cpu")
-    got = query_cli.query_index(index, encoder, fixed.texts, fixed.pids.tolist(), top_k=10)
+    encoder = query.open_text_encoder(index, runtime="torch", device="cpu")
+    got = query.query_index(index, encoder, fixed.texts, fixed.pids.tolist(), top_k=10)
     assert [r.indices for r in got] == [r.indices for r in expected]
     assert [r.names for r in got] == [r.names for r in expected]
     assert [r.correct for r in got] == [r.correct for r in expected]
@@ -491,8 +453,8 @@ def test_search_page_in_headless_chromium(world: SimpleNamespace, onnx_export: P
     assert _build(world.run, world.shards, index) == 0
     port = free_port()
     base = f"http://127.0.0.1:{port}"
-    server = subprocess.Popen([sys.executable, "-m", "irra_dist.serving.web", str(index), "--port", str(port),
-                               "--runtime", "onnx"], env=subprocess_env(), stdout=subprocess.PIPE,
+    server = subprocess.Popen([sys.executable, "-m", "irra_dist.engine.serve", str(index), "--port",
+                               str(port), "--runtime", "onnx"], env=subprocess_env(), stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
         deadline = time.monotonic() + 60
@@ -507,7 +469,7 @@ def test_search_page_in_headless_chromium(world: SimpleNamespace, onnx_export: P
         assert status == 200 and json.loads(body)["num_images"] == len(world.records)
 
         paths = [world.images[0].parent.parent / r["file_path"] for r in world.records]
-        order, scores = _reference_ranking(world.model, paths, QUERIES[:1], 4)
+        order, scores = reference_ranking(world.model, paths, QUERIES[:1], 4)
         status, body = _get(f"{base}/api/search?q={urllib.parse.quote(QUERIES[0])}&k=4")
         assert status == 200
         hits = json.loads(body)["results"]
@@ -540,7 +502,7 @@ def test_search_page_in_headless_chromium(world: SimpleNamespace, onnx_export: P
 
 
 def test_images_reach_the_browser_in_a_format_it_reads(world: SimpleNamespace) -> None:
-    from irra_dist.serving.web import browser_image
+    from irra_dist.engine.serve import browser_image
 
     jpeg = world.images[0].read_bytes()
     assert browser_image(jpeg) == (jpeg, "image/jpeg")

@@ -164,8 +164,8 @@ def test_own_photos_build_train_evaluate_and_search(tmp_path: Path, tiny_recipe:
     from irra_dist.data.shards import MANIFEST_NAME
     from irra_dist.engine.build_shards_cli import main as build_main
     from irra_dist.engine.cli import evaluate_main
+    from irra_dist.engine.search_cli import main as search_main
     from irra_dist.engine.trainer import train
-    from irra_dist.serving.query_cli import main as search_main
 
     photos = tmp_path / "photos"
     ann = _write(tmp_path / "data.jsonl", _person_photos(photos, people=8, shots=4))

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import REPO, subprocess_env
+from conftest import REPO, direct_metrics, run_group, small_irra, subprocess_env
 
 from irra_dist.engine.cli import evaluate_main, train_main
 
@@ -34,34 +34,17 @@ def _one_error_line(err: str) -> str:
     return lines[0]
 
 
-def _run(args: list[str], *, cwd: Path, timeout: float = 600) -> subprocess.CompletedProcess:
-    """A command in its own process group, killed with its children on timeout."""
-    proc = subprocess.Popen(args, cwd=cwd, env=subprocess_env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, err = proc.communicate()
-        pytest.fail(f"{args} did not finish in {timeout} s:\n{err[-2000:]}")
-    return subprocess.CompletedProcess(args, proc.returncode, out, err)
-
-
 # --------------------------------------------------------------------------------------------------
 # 1. An official-format export reloads as the same model
 
 
 def test_official_export_reloads_with_its_head_counts_and_input_size(tiny_shards: Path, tmp_path: Path,
                                                                       capsys) -> None:
-    from irra_dist.data.pipeline import build_eval_loaders
-    from irra_dist.evaluation.metrics import retrieval_metrics
-    from irra_dist.model import build_irra, export_official_checkpoint, load_irra_weights
+    from irra_dist.model import export_official_checkpoint, load_irra_weights
 
     torch.manual_seed(0)
     # 2 heads of width 16: the official width // 64 rule would rebuild 1 head, which loads without error.
-    model = build_irra(13, embed_dim=32, image_size=(64, 32), patch_size=16, stride_size=16, vision_width=32,
-                       vision_layers=1, vision_heads=2, text_width=32, text_layers=1, text_heads=2,
-                       cmt_depth=1).eval()
+    model = small_irra()
     pth = tmp_path / "best.pth"
     export_official_checkpoint(model, pth)
     saved = torch.load(pth, weights_only=True)
@@ -77,12 +60,7 @@ def test_official_export_reloads_with_its_head_counts_and_input_size(tiny_shards
         torch.testing.assert_close(reloaded.encode_text(text), model.encode_text(text))
 
     # irra-eval on the export gives the metrics of the model it was exported from.
-    gallery, queries = build_eval_loaders(tiny_shards, "test", batch_size=64, image_size=(64, 32))
-    with torch.no_grad():
-        g = [(model.encode_image(b["images"]), b["pids"]) for b in gallery]
-        q = [(model.encode_text(b["caption_ids"]), b["pids"]) for b in queries]
-    expected = retrieval_metrics(torch.cat([f for f, _ in q]), torch.cat([f for f, _ in g]),
-                                 torch.cat([p for _, p in q]), torch.cat([p for _, p in g]))
+    expected = direct_metrics(model, tiny_shards)
     out = tmp_path / "metrics.json"
     assert evaluate_main([str(pth), "--shards", str(tiny_shards), "--num-workers", "0", "--precision", "no",
                           "--out", str(out)]) == 0
@@ -134,15 +112,15 @@ def test_run_started_with_relative_paths_works_from_elsewhere_after_a_move(
     capsys.readouterr()
 
     out = tiny_recipe.parent / "eval.json"
-    done = _run([sys.executable, str(REPO / "launch/evaluate.py"), str(moved / "runs/rel"),
-                 "--num-workers", "0", "--out", str(out)], cwd=Path("/"))
+    done = run_group([sys.executable, str(REPO / "launch/evaluate.py"), str(moved / "runs/rel"),
+                      "--num-workers", "0", "--out", str(out)], cwd=Path("/"), timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     result = json.loads(out.read_text())
     assert Path(result["shards"]) == moved / "shards"
     assert result["metrics"]["t2i"]["R1"] == pytest.approx(trained_r1, abs=1e-4)
 
     from irra_dist.engine.cli import load_train_config
-    from irra_dist.search import load_search_model
+    from irra_dist.retrieval.model import load_search_model
 
     assert load_search_model(moved / "runs/rel").default_gallery == moved / "shards"
     cfg, checkpoint = load_train_config(None, [], str(moved / "runs/rel"))

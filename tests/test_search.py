@@ -1,10 +1,9 @@
-"""Free-text search (irra_dist.search, irra-search) on a tiny random-init model and a tiny shard set."""
+"""Free-text search (irra_dist.retrieval, irra-search) on a tiny random-init model and a tiny shard set."""
 
 from __future__ import annotations
 
 import importlib.util
 import json
-import re
 import shutil
 from pathlib import Path
 from types import SimpleNamespace
@@ -12,47 +11,37 @@ from types import SimpleNamespace
 import pytest
 import torch
 from PIL import Image
-from torchvision import transforms
+from search_reference import (
+    IMAGE_SIZE,
+    TINY,
+    parse_search_output,
+    reference_feats,
+    reference_ranking,
+    tiny_run_config,
+    write_tiny_run,
+)
 
-from irra_dist import search as search_mod
-from irra_dist.config import config_from_dict, dump_config, save_config
+from irra_dist.config import config_from_dict, dump_config
 from irra_dist.data.parsers import parse_dataset
 from irra_dist.data.shards import build_shards
+from irra_dist.engine.search_cli import main
 from irra_dist.model import IRRA, build_irra, export_official_checkpoint, save_weights_safetensors
+from irra_dist.retrieval import results as search_results
 from irra_dist.retrieval.cache import cached_gallery_features, gallery_cache_path
 from irra_dist.retrieval.examples import RetrievalExamples
 from irra_dist.retrieval.gallery import FolderGallery, ShardGallery, split_caption_queries
+from irra_dist.retrieval.model import load_search_model
 from irra_dist.retrieval.ranking import search
-from irra_dist.search import load_search_model, main
 from irra_dist.synthetic.dataset import generate_synthetic_dataset
 from irra_dist.tokenizer import tokenize
 from irra_dist.visualize import GridStyle
 
 REPO = Path(__file__).resolve().parents[1]
-IMAGE_SIZE = (32, 16)
-TINY = dict(embed_dim=32, image_size=IMAGE_SIZE, patch_size=8, stride_size=8, vision_width=32,
-            vision_layers=1, vision_heads=2, text_width=32, text_heads=2, text_layers=1)
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-ROW = re.compile(r"^\s+(\d+)\s+(-?\d+\.\d{4})\s+(?:(\d+)\s+)?(?:(correct|wrong)\s+)?(\S+)$")
 
 
 @pytest.fixture(autouse=True)
 def _few_threads() -> None:
     torch.set_num_threads(1)
-
-
-def _model_config(shards: Path) -> dict:
-    sizes = {k: v for k, v in TINY.items() if k != "image_size"}
-    return {"model": {"pretrained": "none", "image_size": list(IMAGE_SIZE), "cmt_depth": 1, **sizes},
-            "data": {"shards": str(shards)}}
-
-
-def _write_run(run: Path, model: IRRA, shards: Path) -> Path:
-    run.mkdir(parents=True)
-    save_config(config_from_dict(_model_config(shards)), run / "config.yaml")
-    save_weights_safetensors(model, run / "model.safetensors")
-    return run
 
 
 @pytest.fixture(scope="module")
@@ -65,41 +54,11 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
     build_shards(parse_dataset("CUHK-PEDES", root / "data"), None, shards, shard_size=3, workers=1)
     torch.manual_seed(0)
     model = build_irra(3, cmt_depth=1, **TINY).eval()
-    run = _write_run(root / "run", model, shards)
+    run = write_tiny_run(root / "run", model, shards)
     annotations = json.loads((dataset / "reid_raw.json").read_text())
     test_records = [a for a in annotations if a["split"] == "test"]
     return SimpleNamespace(root=root, dataset=dataset, shards=shards, run=run, model=model,
                            test_records=test_records, test_images=dataset / "imgs" / "test")
-
-
-def _reference_feats(model: IRRA, paths: list[Path]) -> torch.Tensor:
-    """Gallery features the plain way: torchvision's test transform and the model's image tower."""
-    tf = transforms.Compose([transforms.Resize(IMAGE_SIZE), transforms.ToTensor(),
-                             transforms.Normalize(CLIP_MEAN, CLIP_STD)])
-    images = torch.stack([tf(Image.open(p).convert("RGB")) for p in paths])
-    with torch.no_grad():
-        return model.encode_image(images)
-
-
-def _reference_ranking(model: IRRA, paths: list[Path], texts: list[str], k: int) -> tuple[list, torch.Tensor]:
-    gallery = _reference_feats(model, paths).double()
-    with torch.no_grad():
-        text = model.encode_text(tokenize(texts)).double()
-    cos = (text / text.norm(dim=1, keepdim=True)) @ (gallery / gallery.norm(dim=1, keepdim=True)).t()
-    order = torch.argsort(cos, dim=1, descending=True)[:, :k]
-    return order.tolist(), cos.gather(1, order)
-
-
-def _parse(stdout: str) -> list[list[tuple]]:
-    """Per query, the printed rows as (rank, score, pid or None, match or None, name)."""
-    queries: list[list[tuple]] = []
-    for line in stdout.splitlines():
-        if line.startswith("query "):
-            queries.append([])
-        elif (m := ROW.match(line)) and queries:
-            rank, score, pid, match, name = m.groups()
-            queries[-1].append((int(rank), float(score), None if pid is None else int(pid), match, name))
-    return queries
 
 
 QUERIES = ["a man in a red shirt and blue trousers", "a woman wearing a long black coat"]
@@ -111,7 +70,7 @@ def test_shard_search_ranks_like_brute_force_cosine(world: SimpleNamespace, tmp_
     feats, _, _ = cached_gallery_features(loaded, gallery, cache_dir=tmp_path)
     results = search(loaded, gallery, feats, QUERIES, top_k=5)
     paths = [world.test_images.parent / r["file_path"] for r in world.test_records]
-    order, scores = _reference_ranking(world.model, paths, QUERIES, 5)
+    order, scores = reference_ranking(world.model, paths, QUERIES, 5)
     assert [r.indices for r in results] == order
     torch.testing.assert_close(torch.tensor([r.scores for r in results], dtype=torch.float64), scores,
                                atol=1e-5, rtol=0)
@@ -144,11 +103,11 @@ def test_cli_prints_top_k_writes_grid_and_reuses_the_cache(world: SimpleNamespac
     second = capsys.readouterr().out
     assert calls == [], "the second search must read the gallery features from the cache"
     assert cached[0].stat().st_mtime_ns == stamp
-    assert _parse(first) == _parse(second)
+    assert parse_search_output(first) == parse_search_output(second)
 
     paths = [world.test_images.parent / r["file_path"] for r in world.test_records]
-    order, _ = _reference_ranking(world.model, paths, QUERIES, 3)
-    printed = _parse(first)
+    order, _ = reference_ranking(world.model, paths, QUERIES, 3)
+    printed = parse_search_output(first)
     assert [[row[4] for row in q] for q in printed] == [[world.test_records[i]["file_path"] for i in o]
                                                           for o in order]
     assert [[row[0] for row in q] for q in printed] == [[1, 2, 3]] * 2
@@ -173,7 +132,7 @@ def test_cache_key_follows_weights_gallery_and_image_size(world: SimpleNamespace
 
     # new weights -> a new cache file, not the old features
     torch.manual_seed(1)
-    other_run = _write_run(tmp_path / "run2", build_irra(3, cmt_depth=1, **TINY), world.shards)
+    other_run = write_tiny_run(tmp_path / "run2", build_irra(3, cmt_depth=1, **TINY), world.shards)
     cache = tmp_path / "cache"
     _, p1, hit1 = cached_gallery_features(load_search_model(run=world.run), shard_gallery, cache_dir=cache)
     _, p2, hit2 = cached_gallery_features(load_search_model(run=other_run), shard_gallery, cache_dir=cache)
@@ -195,9 +154,9 @@ def test_folder_gallery_search(world: SimpleNamespace, tmp_path: Path, capsys) -
             "--top-k", "4", "--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path / "g.png"),
             "--num-workers", "1"]
     assert main(argv) == 0
-    (rows,) = _parse(capsys.readouterr().out)
+    (rows,) = parse_search_output(capsys.readouterr().out)
     paths = sorted(world.test_images.glob("*.jpg"))
-    order, scores = _reference_ranking(world.model, paths, QUERIES[:1], 4)
+    order, scores = reference_ranking(world.model, paths, QUERIES[:1], 4)
     assert [r[4] for r in rows] == [paths[i].name for i in order[0]]
     assert all(r[2] is None and r[3] is None for r in rows), "a folder gallery has no pids"
     assert [r[1] for r in rows] == pytest.approx(scores[0].tolist(), abs=1e-4)
@@ -212,7 +171,7 @@ def test_query_pids_mark_hits_correct_or_wrong(world: SimpleNamespace, tmp_path:
             "--num-workers", "0"]
     assert main(argv) == 0
     out = capsys.readouterr().out
-    queries = _parse(out)
+    queries = parse_search_output(out)
     assert len(queries) == 3
     own_pids = [pid] + [r["id"] for r in _first_of_distinct_pids(world.test_records, 2)]
     for rows, qpid in zip(queries, own_pids):
@@ -246,7 +205,7 @@ def test_trainer_retrieval_examples_from_evaluation_outputs(world: SimpleNamespa
                                                             monkeypatch: pytest.MonkeyPatch) -> None:
     examples = RetrievalExamples(world.shards, "test", num_queries=3, top_k=2)
     paths = [world.test_images.parent / r["file_path"] for r in world.test_records]
-    g_feats = _reference_feats(world.model, paths)
+    g_feats = reference_feats(world.model, paths)
     g_pids = torch.tensor([r["id"] for r in world.test_records])
     captions = [c for r in world.test_records for c in r["captions"]]
     with torch.no_grad():
@@ -261,7 +220,7 @@ def test_trainer_retrieval_examples_from_evaluation_outputs(world: SimpleNamespa
 
     out = examples.save(tmp_path / "ex.png", g_feats[perm], g_pids[perm], perm, q_feats[keep], keep)
     texts = [examples.queries.texts[0], examples.queries.texts[2]]
-    order, _ = _reference_ranking(world.model, paths, texts, 2)
+    order, _ = reference_ranking(world.model, paths, texts, 2)
     assert sorted(asked) == sorted({i for row in order for i in row})
     with Image.open(out) as img:
         assert img.size == GridStyle().canvas_size(2, 2, labelled=True)
@@ -277,7 +236,7 @@ def test_checkpoint_file_search(world: SimpleNamespace, tmp_path: Path, capsys, 
         # 2 heads on width 32: only the config stored in the file's metadata says so
         model = build_irra(3, cmt_depth=1, **TINY).eval()
         ckpt, size_args = tmp_path / "model.safetensors", []
-        cfg = config_from_dict(_model_config(world.shards))
+        cfg = config_from_dict(tiny_run_config(world.shards))
         save_weights_safetensors(model, ckpt, {"config": dump_config(cfg)})
     else:
         # heads = width // 64 (as in every OpenAI CLIP): the tensors alone describe the model
@@ -290,9 +249,9 @@ def test_checkpoint_file_search(world: SimpleNamespace, tmp_path: Path, capsys, 
             save_weights_safetensors(model, ckpt)
     assert main(["--checkpoint", str(ckpt), *size_args, "--query", QUERIES[1], "--gallery", str(world.shards),
                  "--top-k", "5", "--num-workers", "0"]) == 0
-    (rows,) = _parse(capsys.readouterr().out)
+    (rows,) = parse_search_output(capsys.readouterr().out)
     paths = [world.test_images.parent / r["file_path"] for r in world.test_records]
-    order, _ = _reference_ranking(model, paths, QUERIES[1:], 5)
+    order, _ = reference_ranking(model, paths, QUERIES[1:], 5)
     assert [r[4] for r in rows] == [world.test_records[i]["file_path"] for i in order[0]]
     assert list((tmp_path / "cache").glob("gallery_*.safetensors")), "the default cache sits next to the file"
     assert (tmp_path / "search_a-woman-wearing-a-long-black-coat.png").is_file()
@@ -309,8 +268,8 @@ def test_run_search_uses_best_weights_unless_asked_for_last(world: SimpleNamespa
     common = ["--run", str(run), "--query", QUERIES[0], "--top-k", "8", "--num-workers", "0"]
     for weights, model in (("best", best), ("last", world.model)):
         assert main([*common, "--weights", weights]) == 0
-        (rows,) = _parse(capsys.readouterr().out)
-        _, scores = _reference_ranking(model, paths, QUERIES[:1], 8)
+        (rows,) = parse_search_output(capsys.readouterr().out)
+        _, scores = reference_ranking(model, paths, QUERIES[:1], 8)
         assert [r[1] for r in rows] == pytest.approx(scores[0].tolist(), abs=1e-4), weights
 
 
@@ -320,7 +279,7 @@ def test_launcher_script_runs_main(world: SimpleNamespace, tmp_path: Path, capsy
     spec.loader.exec_module(launcher)
     assert launcher.main(["--run", str(world.run), "--query", "someone", "--top-k", "2", "--num-workers", "0",
                           "--cache-dir", str(tmp_path), "--out", str(tmp_path / "g.png")]) == 0
-    assert len(_parse(capsys.readouterr().out)[0]) == 2
+    assert len(parse_search_output(capsys.readouterr().out)[0]) == 2
 
 
 def _bad_inputs(world: SimpleNamespace, tmp: Path) -> dict[str, list[str]]:
@@ -386,8 +345,8 @@ def test_unreadable_gallery_images_are_skipped_and_counted(world: SimpleNamespac
     for attempt in ("computed", "cached"):
         caplog.clear()
         assert main(argv) == 0, attempt
-        (rows,) = _parse(capsys.readouterr().out)
-        order, scores = _reference_ranking(world.model, paths, QUERIES[:1], 4)
+        (rows,) = parse_search_output(capsys.readouterr().out)
+        order, scores = reference_ranking(world.model, paths, QUERIES[:1], 4)
         assert [r[4] for r in rows] == [paths[i].name for i in order[0]]  # the 4 readable ones, ranked
         assert [r[1] for r in rows] == pytest.approx(scores[0].tolist(), abs=1e-4)
         warned = [r.getMessage() for r in caplog.records if "unreadable" in r.getMessage()]
@@ -410,14 +369,14 @@ def test_queries_file_one_per_line(world: SimpleNamespace, tmp_path: Path, capsy
     (tmp_path / "q.txt").write_text(f"{QUERIES[0]}\n\n{QUERIES[1]}\n")
     assert main(["--run", str(world.run), "--queries-file", str(tmp_path / "q.txt"), "--top-k", "1",
                  "--num-workers", "0", "--cache-dir", str(tmp_path), "--out", str(tmp_path / "g.png")]) == 0
-    assert len(_parse(capsys.readouterr().out)) == 2
+    assert len(parse_search_output(capsys.readouterr().out)) == 2
 
 
 def test_default_png_name_is_a_slug_next_to_the_run() -> None:
     home = Path("/runs/x")
-    assert search_mod.default_out_path(home, ["A Man, in RED!"]) == home / "search_a-man-in-red.png"
-    assert search_mod.default_out_path(home, ["q1", "q2", "q3"]) == home / "search_q1_and_2_more.png"
-    assert search_mod.slugify("!!!") == "query"
+    assert search_results.default_out_path(home, ["A Man, in RED!"]) == home / "search_a-man-in-red.png"
+    assert search_results.default_out_path(home, ["q1", "q2", "q3"]) == home / "search_q1_and_2_more.png"
+    assert search_results.slugify("!!!") == "query"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -437,7 +396,7 @@ def test_trained_demo_finds_the_described_person(demo_run: tuple[Path, str], tmp
     argv = ["--run", str(run), "--from-split-captions", str(DEMO_QUERIES), "--top-k", "5",
             "--cache-dir", str(tmp_path), "--out", str(tmp_path / "demo.png"), "--num-workers", "0"]
     assert main(argv) == 0
-    results = _parse(capsys.readouterr().out)
+    results = parse_search_output(capsys.readouterr().out)
     assert len(results) == DEMO_QUERIES
     top1 = sum(rows[0][3] == "correct" for rows in results)
     top5 = sum(any(row[3] == "correct" for row in rows) for rows in results)

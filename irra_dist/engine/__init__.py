@@ -3,7 +3,9 @@
 ``train(cfg, resume=None)`` trains under whatever ``accelerate launch`` started and returns the run folder;
 ``evaluate_target(target, shards=...)`` scores a run folder, checkpoint or weights file. The training and
 evaluation command lines are in :mod:`irra_dist.engine.cli`; ``irra-build-shards`` in
-:mod:`irra_dist.engine.build_shards_cli`; the synthetic dataset's in :mod:`irra_dist.engine.synthetic_cli`.
+:mod:`irra_dist.engine.build_shards_cli`; the synthetic dataset's in :mod:`irra_dist.engine.synthetic_cli`;
+``irra-search`` in :mod:`irra_dist.engine.search_cli`, ``irra-index`` in :mod:`irra_dist.engine.index_cli`,
+``irra-export`` in :mod:`irra_dist.engine.export_cli`, ``irra-serve`` in :mod:`irra_dist.engine.serve`.
 """
 
 from __future__ import annotations

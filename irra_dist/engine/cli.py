@@ -143,8 +143,8 @@ def load_train_config(config: str | None, overrides: list[str], resume: str | No
         ``(cfg, checkpoint folder or None)``.
     """
     from irra_dist.engine.checkpointing import resolve_checkpoint, run_dir_of
-    from irra_dist.engine.runfolder import load_run_config
     from irra_dist.engine.trainer import resolve_resume
+    from irra_dist.run_config import load_run_config
 
     if resume is None:
         return load_config(resolve_recipe(config or DEFAULT_RECIPE), overrides), None

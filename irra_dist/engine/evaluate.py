@@ -268,8 +268,8 @@ def evaluate_on_sets(target: str | os.PathLike, shard_sets: Sequence[str | os.Pa
     """
     from irra_dist.data.pipeline import build_eval_loaders
     from irra_dist.engine.accel import build_accelerator
-    from irra_dist.engine.runfolder import load_run_config
     from irra_dist.model.weights import find_weights, load_model
+    from irra_dist.run_config import load_run_config
 
     source = find_weights(target, weights)
     file = source.path

@@ -52,7 +52,7 @@ from irra_dist.engine.evaluate import evaluate_retrieval, flat_metrics, show_pro
 from irra_dist.engine.failures import PeerFailure, PeerFailureWatch, announce, inject_failure
 from irra_dist.engine.gradcache import build_grad_cache
 from irra_dist.engine.init_from import build_model_for_training
-from irra_dist.engine.runfolder import RunFolderClaim, absolute_locations, claim_run_folder
+from irra_dist.engine.runfolder import RunFolderClaim, claim_run_folder
 from irra_dist.engine.runlog import (
     BEST_WEIGHTS_FILE,
     CONFIG_FILE,
@@ -70,6 +70,7 @@ from irra_dist.losses import irra_accuracies, irra_losses
 from irra_dist.model import CheckpointError
 from irra_dist.optim import build_lr_scheduler, build_optimizer
 from irra_dist.retrieval.examples import RetrievalExamples
+from irra_dist.run_config import absolute_locations
 
 logger = logging.getLogger(__name__)
 

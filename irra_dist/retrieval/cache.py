@@ -13,15 +13,12 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 
 from irra_dist.fileio import atomic_write
 from irra_dist.retrieval.gallery import Gallery, warn_skipped
-
-if TYPE_CHECKING:
-    from irra_dist.search import SearchModel
+from irra_dist.retrieval.model import SearchModel, file_digest
 
 logger = logging.getLogger(__name__)
 
@@ -75,8 +72,6 @@ def cached_gallery_features(search_model: SearchModel, gallery: Gallery, *, cach
     Returns:
         ``(feats [G, D] fp32 on the CPU, cache file, True if it was read from the cache)``.
     """
-    from irra_dist.search import file_digest  # not at the top: irra_dist.search imports this module
-
     cache_dir = Path(cache_dir)
     weights_sha = file_digest(search_model.weights_path, cache_dir)
     path = gallery_cache_path(cache_dir, weights_sha, gallery, search_model.image_size)

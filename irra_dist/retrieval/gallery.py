@@ -24,24 +24,24 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from irra_dist.data.pipeline import build_eval_loaders
-from irra_dist.data.shards import MANIFEST_NAME, RecordError, RecordReader, SplitIndex, load_manifest
+from irra_dist.data.shards import (
+    MANIFEST_NAME,
+    RecordError,
+    RecordReader,
+    ShardError,
+    SplitIndex,
+    load_manifest,
+)
 from irra_dist.data.transforms import DECODE_ERRORS, decode_image, test_transform
 from irra_dist.model import IRRA
+from irra_dist.retrieval.errors import SearchError
+from irra_dist.retrieval.index import Items
 from irra_dist.tokenizer import tokenize
 from irra_dist.visualize import FixedQueries
 
 logger = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff")
-
-
-def search_error(message: str) -> ValueError:
-    """A :class:`irra_dist.search.SearchError` carrying `message`: the type every search caller catches."""
-    # Imported here, not at the top: irra_dist.search imports this module. SearchError lives there with the
-    # model loading until that part moves into the library as well.
-    from irra_dist.search import SearchError
-
-    return SearchError(message)
 
 
 class Gallery(Protocol):
@@ -123,7 +123,7 @@ class ShardGallery:
         try:
             return self._reader.read_json(record)
         except (RecordError, OSError, ValueError) as err:
-            raise search_error(f"{self.split} record {record} of {self.shards_dir} is unreadable ({err}): "
+            raise SearchError(f"{self.split} record {record} of {self.shards_dir} is unreadable ({err}): "
                                "rebuild the shards with irra-build-shards") from None
 
     def names(self, indices: Sequence[int]) -> list[str]:
@@ -137,7 +137,7 @@ class ShardGallery:
             try:
                 images.append(decode_image(self._reader.read(record)[0]))
             except (*DECODE_ERRORS, RecordError) as err:
-                raise search_error(f"{self.split} gallery image {record} of {self.shards_dir} is unreadable "
+                raise SearchError(f"{self.split} gallery image {record} of {self.shards_dir} is unreadable "
                                    f"({err}): rebuild the shards with irra-build-shards") from None
         return images
 
@@ -191,13 +191,13 @@ class FolderGallery:
     def __init__(self, root: str | os.PathLike) -> None:
         self.root = Path(root)
         if not self.root.is_dir():
-            raise search_error(f"gallery folder not found: {self.root} (pass --gallery with a shard set or a "
+            raise SearchError(f"gallery folder not found: {self.root} (pass --gallery with a shard set or a "
                                "folder of images)")
         rels = sorted(p.relative_to(self.root).as_posix() for p in self.root.rglob("*")
                       if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
                       and not any(part.startswith(".") for part in p.relative_to(self.root).parts))
         if not rels:
-            raise search_error(f"no images in {self.root} (looked for {', '.join(IMAGE_SUFFIXES)}): pass a "
+            raise SearchError(f"no images in {self.root} (looked for {', '.join(IMAGE_SUFFIXES)}): pass a "
                                "folder holding images, or a shard set folder with manifest.json")
         self.rel_paths = rels
         self.paths = [self.root / r for r in rels]
@@ -228,7 +228,7 @@ class FolderGallery:
             try:
                 images.append(decode_image(path.read_bytes()))
             except DECODE_ERRORS as err:
-                raise search_error(f"cannot read image {path} ({err}): remove or replace it") from None
+                raise SearchError(f"cannot read image {path} ({err}): remove or replace it") from None
         return images
 
     @torch.no_grad()
@@ -243,7 +243,7 @@ class FolderGallery:
         good = torch.cat(ok)
         bad = [self.rel_paths[i] for i in (~good).nonzero().flatten().tolist()]
         if len(bad) == len(self.paths):
-            raise search_error(f"none of the {len(bad)} images in {self.root} could be read: pass a folder "
+            raise SearchError(f"none of the {len(bad)} images in {self.root} could be read: pass a folder "
                                "of JPEG/PNG images")
         if bad:
             self.drop(bad)
@@ -286,3 +286,61 @@ def split_caption_queries(shards_dir: str | os.PathLike, split: str = "test", nu
     return FixedQueries(texts, torch.tensor(pids, dtype=torch.int64), tokenize(texts).view(len(texts), -1),
                         torch.tensor(positions, dtype=torch.int64))
 
+
+# --------------------------------------------------------------------------------------------------
+# A gallery as index items (irra-index)
+
+
+def gallery_items(path: str | os.PathLike, split: str = "test") -> Items:
+    """Every image of a gallery: a shard set's split (pids known) or a folder of images (recursively).
+
+    Raises:
+        SearchError, ShardError: no such gallery, or no image in it.
+    """
+    path = Path(path)
+    if (path / MANIFEST_NAME).is_file():
+        gallery = ShardGallery(path, split)
+        n = len(gallery)
+        names = gallery.names(range(n))
+        source = {"kind": "shards", "root": str(path.resolve()), "split": split}
+        return Items([source], [0] * n, [str(i) for i in range(n)], names,
+                     [f"{gallery.content_key}:{i}" for i in range(n)], gallery.pids.tolist())
+    folder = FolderGallery(path)
+    root = folder.root.resolve()
+    keys = []
+    for p in folder.paths:
+        st = p.stat()
+        keys.append(f"{p.resolve()}|{st.st_size}|{st.st_mtime_ns}")
+    n = len(folder)
+    return Items([{"kind": "folder", "root": str(root)}], [0] * n, list(folder.rel_paths),
+                 list(folder.rel_paths), keys, [None] * n)
+
+
+class ItemImages(Dataset):
+    """The test-transformed images of some items; an unreadable one is flagged, not raised (a DataLoader
+    worker's exception would come back as a multi-line traceback)."""
+
+    def __init__(self, items: Items, image_size: tuple[int, int]) -> None:
+        self.items, self.image_size = items, image_size
+        self._readers: dict[int, RecordReader] = {}
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def _bytes(self, i: int) -> bytes:
+        src_id = self.items.source[i]
+        src = self.items.sources[src_id]
+        if src["kind"] == "folder":
+            return (Path(src["root"]) / self.items.locator[i]).read_bytes()
+        if src_id not in self._readers:  # opened in the worker that reads it
+            root = src["root"]
+            self._readers[src_id] = RecordReader(SplitIndex.load(root, load_manifest(root, verify="none"),
+                                                                 src["split"]))
+        return self._readers[src_id].read(int(self.items.locator[i]))[0]
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, bool]:
+        try:
+            image = decode_image(self._bytes(i))
+        except (*DECODE_ERRORS, ShardError):
+            return torch.zeros(3, *self.image_size), False
+        return test_transform(image, self.image_size), True

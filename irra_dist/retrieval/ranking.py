@@ -5,17 +5,15 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
 
 import torch
 
-from irra_dist.retrieval.gallery import Gallery, search_error
+from irra_dist.retrieval.errors import SearchError
+from irra_dist.retrieval.gallery import Gallery
+from irra_dist.retrieval.model import SearchModel
 from irra_dist.retrieval.results import QueryResult
 from irra_dist.tokenizer import tokenize
 from irra_dist.visualize import top_k_matches
-
-if TYPE_CHECKING:
-    from irra_dist.search import SearchModel
 
 logger = logging.getLogger(__name__)
 
@@ -39,9 +37,9 @@ def search(search_model: SearchModel, gallery: Gallery, gallery_feats: torch.Ten
         One :class:`QueryResult` per text, in order.
     """
     if not texts:
-        raise search_error("no query text: pass --query TEXT, --queries-file FILE or --from-split-captions N")
+        raise SearchError("no query text: pass --query TEXT, --queries-file FILE or --from-split-captions N")
     if top_k < 1:
-        raise search_error(f"--top-k must be >= 1, got {top_k}")
+        raise SearchError(f"--top-k must be >= 1, got {top_k}")
     query_pids = list(query_pids) if query_pids is not None else [None] * len(texts)
     device = torch.device(device)
     model = search_model.model.to(device).eval()

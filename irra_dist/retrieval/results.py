@@ -1,6 +1,6 @@
 """Search results: the top-k of each query, printed as a table and drawn as one PNG grid.
 
-Shared by ``irra-search`` over a gallery (:mod:`irra_dist.search`) and over a faiss index
+Shared by ``irra-search`` over a gallery (:mod:`irra_dist.retrieval.ranking`) and over a faiss index
 (:mod:`irra_dist.retrieval.query`). Free of torch, so that the ONNX query path stays light.
 """
 

@@ -33,8 +33,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     from irra_dist.config import ConfigError
     from irra_dist.model import CheckpointError
     from irra_dist.model.onnx import OnnxExportError, export_towers
-    from irra_dist.search import SearchError, load_search_model
-    from irra_dist.serving.index_cli import model_section
+    from irra_dist.retrieval.errors import SearchError
+    from irra_dist.retrieval.model import load_search_model, model_section
 
     source = Path(args.model)
     try:

@@ -25,91 +25,33 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from irra_dist.data.shards import MANIFEST_NAME, RecordReader, ShardError, SplitIndex, load_manifest
-from irra_dist.data.transforms import DECODE_ERRORS, decode_image, test_transform
+from irra_dist.config import ConfigError
+from irra_dist.data.shards import ShardError
 from irra_dist.fileio import atomic_write
+from irra_dist.model import CheckpointError
+from irra_dist.retrieval.errors import SearchError
+from irra_dist.retrieval.gallery import ItemImages, gallery_items
 from irra_dist.retrieval.index import (
     META_FILE,
     GalleryIndexError,
     IndexSpec,
     Items,
     merge_items,
-    model_fingerprint,
     normalize_rows,
     read_features,
     read_items,
     read_meta,
     write_index,
 )
+from irra_dist.retrieval.model import load_search_model, model_section
 
 logger = logging.getLogger(__name__)
 
 EXIT_BAD_INPUT = 2
 PARTIAL_DIR = "partial"
-
-
-# --------------------------------------------------------------------------------------------------
-# The gallery as items
-
-
-def list_gallery(path: str | os.PathLike, split: str = "test") -> Items:
-    """Every image of a gallery: a shard set's split (pids known) or a folder of images (recursively).
-
-    Raises:
-        SearchError, ShardError: no such gallery, or no image in it.
-    """
-    from irra_dist.search import FolderGallery, ShardGallery
-
-    path = Path(path)
-    if (path / MANIFEST_NAME).is_file():
-        gallery = ShardGallery(path, split)
-        n = len(gallery)
-        names = gallery.names(range(n))
-        source = {"kind": "shards", "root": str(path.resolve()), "split": split}
-        return Items([source], [0] * n, [str(i) for i in range(n)], names,
-                     [f"{gallery.content_key}:{i}" for i in range(n)], gallery.pids.tolist())
-    folder = FolderGallery(path)
-    root = folder.root.resolve()
-    keys = []
-    for p in folder.paths:
-        st = p.stat()
-        keys.append(f"{p.resolve()}|{st.st_size}|{st.st_mtime_ns}")
-    n = len(folder)
-    return Items([{"kind": "folder", "root": str(root)}], [0] * n, list(folder.rel_paths),
-                 list(folder.rel_paths), keys, [None] * n)
-
-
-class _ItemImages(Dataset):
-    """The test-transformed images of some items; an unreadable one is flagged, not raised (a DataLoader
-    worker's exception would come back as a multi-line traceback)."""
-
-    def __init__(self, items: Items, image_size: tuple[int, int]) -> None:
-        self.items, self.image_size = items, image_size
-        self._readers: dict[int, RecordReader] = {}
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def _bytes(self, i: int) -> bytes:
-        src_id = self.items.source[i]
-        src = self.items.sources[src_id]
-        if src["kind"] == "folder":
-            return (Path(src["root"]) / self.items.locator[i]).read_bytes()
-        if src_id not in self._readers:  # opened in the worker that reads it
-            root = src["root"]
-            self._readers[src_id] = RecordReader(SplitIndex.load(root, load_manifest(root, verify="none"),
-                                                                 src["split"]))
-        return self._readers[src_id].read(int(self.items.locator[i]))[0]
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, bool]:
-        try:
-            image = decode_image(self._bytes(i))
-        except (*DECODE_ERRORS, ShardError):
-            return torch.zeros(3, *self.image_size), False
-        return test_transform(image, self.image_size), True
 
 
 # --------------------------------------------------------------------------------------------------
@@ -149,7 +91,7 @@ def embed_items(accelerator, model: torch.nn.Module, items: Items, image_size: t
     model = model.to(device).eval()
     autocast = embedding_autocast(accelerator, precision)
     if rows:
-        loader = DataLoader(_ItemImages(items.take(rows), image_size), batch_size=batch_size,
+        loader = DataLoader(ItemImages(items.take(rows), image_size), batch_size=batch_size,
                             num_workers=num_workers, pin_memory=device.type == "cuda")
         bar = tqdm(total=len(rows), unit="img", desc="embedding", disable=not show_progress(accelerator))
         feats: list[np.ndarray] = []
@@ -195,26 +137,6 @@ def _save_chunk(path: Path, feats: np.ndarray, ok: np.ndarray) -> None:
 # Building
 
 
-def weights_sha256(loaded) -> str:
-    """SHA-256 of the model's weights file, remembered in ``<run or checkpoint folder>/cache`` when writable
-    (as ``irra-search`` does)."""
-    from irra_dist.search import file_digest
-
-    try:
-        return file_digest(loaded.weights_path, loaded.home / "cache")
-    except OSError:
-        return file_digest(loaded.weights_path)
-
-
-def model_section(loaded, source: Path, weights: str) -> dict:
-    """The ``model`` entry of ``index.json`` for a loaded :class:`irra_dist.search.SearchModel`."""
-    sha = weights_sha256(loaded)
-    return {"fingerprint": model_fingerprint(sha, loaded.image_size), "weights_sha256": sha,
-            "image_size": list(loaded.image_size), "source": str(source.resolve()),
-            "source_kind": "run" if source.is_dir() else "checkpoint", "weights": weights,
-            "embed_dim": int(loaded.model.embed_dim)}
-
-
 def build_index(model_path: str | os.PathLike, gallery: str | os.PathLike, out: str | os.PathLike, *,
                 spec: IndexSpec, split: str | None = None, weights: str = "best", rebuild: bool = False,
                 chunk_size: int = 4096, batch_size: int = 64, num_workers: int = 0,
@@ -232,14 +154,13 @@ def build_index(model_path: str | os.PathLike, gallery: str | os.PathLike, out: 
     """
     from irra_dist.config import Config
     from irra_dist.engine.accel import build_accelerator
-    from irra_dist.search import load_search_model
 
     model_path, out = Path(model_path), Path(out)
     is_run = model_path.is_dir()
     loaded = load_search_model(run=model_path if is_run else None, checkpoint=None if is_run else model_path,
                                weights=weights)
     model_meta = model_section(loaded, model_path, weights)
-    listing = list_gallery(gallery, split or loaded.default_split)
+    listing = gallery_items(gallery, split or loaded.default_split)
 
     old, old_feats = Items.empty(), None
     if (out / META_FILE).is_file() and not rebuild:
@@ -344,10 +265,6 @@ def _spec(args: argparse.Namespace) -> IndexSpec:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``irra-index``. Returns 0, or 2 on bad input (one ``irra-index: error:`` line)."""
-    from irra_dist.config import ConfigError
-    from irra_dist.model import CheckpointError
-    from irra_dist.search import SearchError
-
     args = _arg_parser().parse_args(argv)
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")

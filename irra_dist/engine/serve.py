@@ -10,7 +10,7 @@ Routes (Starlette, served by uvicorn on 127.0.0.1 by default):
 - ``GET /image/{i}``: the image file of item ``i``.
 
 The text tower runs in PyTorch or, with ``--runtime onnx``, in onnxruntime without torch (see
-:mod:`irra_dist.serving.query_cli`, whose model checks apply here too).
+:mod:`irra_dist.retrieval.query`, whose model checks apply here too).
 """
 
 from __future__ import annotations
@@ -26,9 +26,11 @@ from collections.abc import Sequence
 
 from PIL import Image
 
+from irra_dist.engine.search_cli import add_text_tower_args
+from irra_dist.retrieval.errors import SearchError
 from irra_dist.retrieval.index import GalleryIndex, GalleryIndexError
 from irra_dist.retrieval.onnx_runtime import OnnxRuntimeError
-from irra_dist.serving.query_cli import TextEncoder, open_text_encoder, query_index
+from irra_dist.retrieval.query import TextEncoder, open_text_encoder, query_index
 from irra_dist.tokenizer import TokenizerError
 
 EXIT_BAD_INPUT = 2
@@ -185,14 +187,7 @@ def _arg_parser() -> argparse.ArgumentParser:
     parser.add_argument("index", metavar="INDEX_DIR", help="folder written by irra-index build")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     parser.add_argument("--port", type=int, default=8000, help="port (default 8000)")
-    parser.add_argument("--runtime", default="torch", choices=("torch", "onnx"),
-                        help="text tower in PyTorch, or in onnxruntime from an irra-export folder (no torch)")
-    parser.add_argument("--onnx", metavar="DIR", help="irra-export folder (default: <run folder>/onnx)")
-    source = parser.add_mutually_exclusive_group()
-    source.add_argument("--run", help="torch runtime: run folder (default: the model that built the index)")
-    source.add_argument("--checkpoint", help="torch runtime: a weights file instead")
-    parser.add_argument("--weights", default=None, choices=("best", "last"), help="with --run")
-    parser.add_argument("--device", default="auto", help="torch runtime: auto, cpu, cuda ...")
+    add_text_tower_args(parser)
     return parser
 
 
@@ -204,13 +199,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     """
     args = _arg_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    errors: tuple[type[BaseException], ...] = (GalleryIndexError, OnnxRuntimeError, OSError)
-    if args.runtime == "torch":
+    errors: tuple[type[BaseException], ...] = (GalleryIndexError, OnnxRuntimeError, SearchError, OSError)
+    if args.runtime == "torch":  # these modules import torch: not for --runtime onnx
         from irra_dist.config import ConfigError
         from irra_dist.model import CheckpointError
-        from irra_dist.search import SearchError
 
-        errors += (ConfigError, CheckpointError, SearchError)
+        errors += (ConfigError, CheckpointError)
     try:
         if not 0 < args.port < 65536:
             raise GalleryIndexError(f"--port must be between 1 and 65535, got {args.port}")

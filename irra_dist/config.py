@@ -85,8 +85,8 @@ class SourceConfig:
     shards: str = ""
     """Folder, URL or pipe: command of the set, as ``data.shards``."""
     weight: float = 1.0
-    """Share of each epoch's samples, relative to the other sources' weights (drawn with replacement where
-    a source holds fewer samples than its share)."""
+    """Share of each epoch's samples, relative to the other sources' weights (indexed mode: drawn with
+    replacement where a source holds fewer samples than its share; stream mode: its resampled shards)."""
     name: str = ""
     """Name in logs, W&B and ``eval.source`` (default: the set's folder name)."""
 
@@ -106,7 +106,7 @@ class DataConfig:
     such a folder, or a pipe: command writing file {name} to stdout (pipe:aws s3 cp s3://b/set/{name} -)."""
     sources: list[SourceConfig] = field(default_factory=list)
     """A mixture of shard sets, [{shards: PATH_OR_URL, weight: W}, ...]; when given it replaces `shards`.
-    Identities stay apart (the classifier spans every source's train ids); indexed mode only."""
+    Identities stay apart (the classifier spans every source's train ids); in both modes."""
     mode: Literal["indexed", "stream"] = "indexed"
     """"indexed": random access through wids, exact epochs independent of the process count; "stream":
     sequential reads of resampled shards through a shuffle buffer (corpora too big to cache; TRAINING.md)."""
@@ -143,8 +143,6 @@ class DataConfig:
         _require(self.shuffle_buffer >= 1, "data.shuffle_buffer", "an integer >= 1")
         names = [source.name for source in self.sources]
         _require(len(set(names)) == len(names), "data.sources", "sources with distinct names")
-        _require(not self.sources or self.mode == "indexed", "data.mode",
-                 '"indexed" when data.sources lists a mixture')
         _require(self.mode == "indexed" or self.sampler == "random", "data.sampler",
                  '"random" when data.mode is "stream" (identity sampling needs data.mode=indexed)')
 

@@ -166,3 +166,98 @@ def test_two_source_mixture_trains_one_classifier_over_both_and_evaluates_the_na
         result = evaluate_on_sets(run, sets, weights="last", num_workers=0)[0]
         assert result["shards"] == str(second)
         assert result["metrics"]["t2i"] == pytest.approx(recorded, abs=1e-6)
+
+
+# --------------------------------------------------------------------------------------------------
+# The mixture in stream mode
+
+
+def _stream_mixture(two_sources, weights=(1.0, 3.0), **kwargs):
+    from irra_dist.data.mixture import TrainSource
+    from irra_dist.data.streaming import StreamTrainLoader
+
+    sources = [TrainSource(shards, w, name) for (shards, _), w, name in zip(two_sources, weights, "ab")]
+    return StreamTrainLoader(sources, image_size=(64, 32), shuffle_buffer=4, **kwargs)
+
+
+def _drawn_sources(batches, num_a: int) -> list[str]:
+    """The source of each sample, read off its pid (b's pids come after a's train ids)."""
+    import torch
+
+    return ["a" if pid < num_a else "b" for pid in torch.cat([b["pids"] for b in batches]).tolist()]
+
+
+def test_stream_mixture_shares_by_weight_with_each_source_text_and_identities(two_sources) -> None:
+    from irra_dist.tokenizer import tokenize
+
+    (_, parsed_a), (_, parsed_b) = two_sources
+    num_a = parsed_a.num_train_ids
+    # Independent reference: which global pids each caption text may carry (a's own, b's shifted by a's ids).
+    allowed: dict[tuple, set[int]] = {}
+    for parsed, offset in ((parsed_a, 0), (parsed_b, num_a)):
+        for pid, _, _, text in parsed.train_samples():
+            allowed.setdefault(tuple(tokenize(text).tolist()), set()).add(pid + offset)
+    total = len(parsed_a.train_samples()) + len(parsed_b.train_samples())
+    # Weights 1:3 of the epoch's samples; with two sources the leftover goes to a when a's fractional part is
+    # at least a half (ties to the first source).
+    share_a = int(np.floor(total / 4 + 0.5))
+    expected = {"a": share_a, "b": total - share_a}
+
+    loader = _stream_mixture(two_sources, global_batch_size=5, mlm=False, image_aug=False)
+    assert loader.num_train_ids == num_a + parsed_b.num_train_ids
+    loader.set_epoch(1)
+    batches = list(loader)
+    assert sum(len(b["pids"]) for b in batches) == total
+    for batch in batches:
+        for ids, pid in zip(batch["caption_ids"].tolist(), batch["pids"].tolist()):
+            assert pid in allowed[tuple(ids)]
+    drawn = _drawn_sources(batches, num_a)
+    assert {name: drawn.count(name) for name in "ab"} == expected == loader.source_counts(1)
+    # b (3 of 4 shares, fewer samples than that) is read from its resampled shards more than once.
+    assert drawn.count("b") > len(parsed_b.train_samples())
+
+    # The shares do not depend on the number of workers or ranks.
+    for kwargs in ({"num_workers": 2}, {"rank": 0, "world_size": 2}, {"rank": 1, "world_size": 2}):
+        other = _stream_mixture(two_sources, global_batch_size=5, mlm=False, image_aug=False, **kwargs)
+        other.set_epoch(1)
+        assert other.source_counts(1) == expected
+    ranks = [list(_stream_mixture(two_sources, global_batch_size=5, mlm=False, rank=r, world_size=2))
+             for r in (0, 1)]
+    both = _drawn_sources(ranks[0], num_a) + _drawn_sources(ranks[1], num_a)
+    assert {name: both.count(name) for name in "ab"} == expected
+
+
+def test_stream_mixture_resumes_mid_epoch_on_the_same_streams(two_sources) -> None:
+    import torch
+
+    loader = _stream_mixture(two_sources, global_batch_size=4, num_workers=2)
+    loader.set_epoch(2)
+    whole = list(loader)
+    loader.set_epoch(2)
+    loader.start_batch = 3
+    resumed = list(loader)
+    assert len(resumed) == len(whole) - 3
+    for a, b in zip(whole[3:], resumed, strict=True):
+        for key in ("images", "caption_ids", "pids", "mlm_labels"):
+            assert torch.equal(a[key], b[key]), key
+
+
+def test_stream_mixture_trains_one_classifier_over_both_sources(two_sources, tiny_shards, tiny_recipe,
+                                                                fresh_accelerate) -> None:
+    from conftest import TINY_TRAIN_IDS
+    from safetensors.torch import load_file
+
+    from irra_dist.config import load_config
+    from irra_dist.engine.runlog import read_metrics
+    from irra_dist.engine.trainer import train
+
+    (second, parsed), _ = two_sources
+    overrides = [f"data.sources=[{{shards: {tiny_shards}, weight: 1, name: tiny}}, "
+                 f"{{shards: {second}, weight: 2, name: small}}]", "eval.source=small", "data.mode=stream",
+                 "data.shuffle_buffer=8", "train.max_steps=2", "train.run_name=stream_mix"]
+    run = train(load_config(tiny_recipe, overrides))
+    weights = load_file(run / "model.safetensors")
+    assert weights["classifier.weight"].shape[0] == TINY_TRAIN_IDS + parsed.num_train_ids
+    shares = next(r for r in read_metrics(run / "metrics.jsonl") if r["kind"] == "sources")["samples"]
+    total = TINY_TRAIN_IDS * 5 + len(parsed.train_samples())
+    assert sum(shares.values()) == total and shares["small"] == round(total * 2 / 3)

@@ -308,6 +308,25 @@ def test_streaming_epoch_is_fixed_reads_every_source_alike_and_resumes(parsed, s
     assert not torch.equal(ranks[0][0]["images"][:1], ranks[1][0]["images"][:1])
 
 
+def test_stream_mixture_with_a_source_over_http_reads_like_both_local(shard_dir: Path,
+                                                                     tiny_shards: Path) -> None:
+    """A streamed corpus on a server mixed with a local labelled set: the batches of the all-local mixture."""
+    from irra_dist.data.mixture import TrainSource
+
+    def mixture(second: str) -> dict[str, torch.Tensor]:
+        sources = [TrainSource(tiny_shards, 1.0, "local"), TrainSource(second, 2.0, "corpus")]
+        loader = StreamTrainLoader(sources, global_batch_size=6, image_size=SIZE, shuffle_buffer=8,
+                                   num_workers=2)
+        loader.set_epoch(2)
+        return _epoch(loader)
+
+    local = mixture(str(shard_dir))
+    with http_server(shard_dir) as url:
+        remote = mixture(url)
+    for key in ("images", "caption_ids", "pids", "mlm_labels"):
+        assert torch.equal(local[key], remote[key]), key
+
+
 def test_streaming_mode_trains_an_epoch(tiny_recipe: Path, fresh_accelerate) -> None:
     from irra_dist.engine.trainer import train
 

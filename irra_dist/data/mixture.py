@@ -8,6 +8,11 @@ source asked for more samples than it holds is drawn with replacement, as whole 
 a shuffled part of one more pass, so every sample repeats as evenly as possible; one asked for fewer gives a
 random subset. Everything follows from (seed, epoch), so the draw is the same on every rank and for every
 number of ranks; the sampler then orders the drawn samples as it would a single source.
+
+In stream mode (``data.mode: stream``) samples are not addressable, so the draw is of sources, not samples:
+:func:`epoch_source_labels` gives every position of the epoch's global sample sequence the source it is read
+from, with the same largest-remainder shares, shuffled from (seed, epoch); each stream takes the next sample
+of that source's own resampled shard stream.
 """
 
 from __future__ import annotations
@@ -43,14 +48,25 @@ def source_quotas(sizes: list[int], weights: list[float]) -> np.ndarray:
         ValueError: no sources, a negative or all-zero weight, or a source without samples.
     """
     sizes_arr = np.asarray(sizes, dtype=np.int64)
-    w = np.asarray(weights, dtype=np.float64)
-    if len(sizes_arr) == 0 or len(sizes_arr) != len(w):
-        raise ValueError(f"need one weight per source, got {len(sizes_arr)} sources and {len(w)} weights")
-    if (w < 0).any() or not np.isfinite(w).all() or w.sum() <= 0:
-        raise ValueError(f"source weights must be finite, >= 0 and not all 0, got {list(weights)}")
+    if len(sizes_arr) != len(weights):
+        raise ValueError(f"need one weight per source, got {len(sizes_arr)} sources and {len(weights)} "
+                         "weights")
     if (sizes_arr <= 0).any():
         raise ValueError(f"every source needs training samples, got sizes {list(sizes)}")
-    total = int(sizes_arr.sum())
+    return split_by_weight(int(sizes_arr.sum()), weights)
+
+
+def split_by_weight(total: int, weights: list[float]) -> np.ndarray:
+    """`total` shared in proportion to `weights` by largest remainder (the parts add up to `total` exactly).
+
+    Raises:
+        ValueError: no weights, or a negative, non-finite or all-zero weight.
+    """
+    w = np.asarray(weights, dtype=np.float64)
+    if len(w) == 0:
+        raise ValueError("need at least one source")
+    if (w < 0).any() or not np.isfinite(w).all() or w.sum() <= 0:
+        raise ValueError(f"source weights must be finite, >= 0 and not all 0, got {list(weights)}")
     exact = w / w.sum() * total
     quotas = np.floor(exact).astype(np.int64)
     # Largest remainder; ties go to the earlier source, so the result is deterministic.
@@ -80,3 +96,16 @@ def draw_epoch(sizes: list[int], weights: list[float], seed: int, epoch: int) ->
         picks.append(rng.permutation(size)[:rest])
         parts.append(np.concatenate(picks) + offset)
     return np.concatenate(parts)
+
+
+def epoch_source_labels(total: int, weights: list[float], seed: int, epoch: int) -> np.ndarray:
+    """Stream mode: the source of each of the epoch's `total` global sample positions.
+
+    Source s labels ``split_by_weight(total, weights)[s]`` positions, shuffled from (seed, epoch), so the
+    shares are exact for the epoch and the same for every number of ranks and workers.
+    """
+    from irra_dist.data.pipeline import derive_seed
+
+    quotas = split_by_weight(total, weights)
+    labels = np.repeat(np.arange(len(quotas), dtype=np.int16), quotas)
+    return np.random.Generator(np.random.PCG64(derive_seed(seed, epoch, _STREAM_MIXTURE))).permutation(labels)

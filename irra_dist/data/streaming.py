@@ -15,6 +15,11 @@ What a rank reads in an epoch:
   ``drop_last``), split over ranks like the indexed mode; step t of a rank comes from stream ``t mod V``.
 - Resume mid-epoch (``start_batch = k``): each stream replays its shards from the epoch start and drops the
   samples of steps before k without decoding them, so the run continues the same streams.
+- Mixtures (a list of :class:`irra_dist.data.mixture.TrainSource`): every position of the epoch's global
+  sample sequence is labelled with a source by weight (:func:`irra_dist.data.mixture.epoch_source_labels`,
+  exact shares, independent of ranks and workers); a stream runs one shard sequence and one shuffle buffer
+  per source (opened when first drawn from) and takes the next sample of the labelled source. Source s's
+  pids are shifted by the train ids of the sources before it, as in the indexed mode.
 
 What it gives up against the indexed mode (:class:`irra_dist.data.pipeline.TrainLoader`): batches depend on
 the number of ranks and workers (1 x 2B is not 2 x B, and resume needs the same counts), an epoch is not
@@ -29,7 +34,7 @@ import hashlib
 import json
 import os
 import random
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -38,6 +43,7 @@ import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
+from irra_dist.data.mixture import TrainSource, epoch_source_labels, split_by_weight
 from irra_dist.data.pipeline import (
     _READ_ERRORS,
     _STREAM_IMAGE,
@@ -76,49 +82,64 @@ class _HashingReader:
             pass
 
 
-def shard_sequence(num_shards: int, seed: int, epoch: int, stream: int, num_streams: int) -> Iterator[int]:
-    """Stream `stream`'s shards: positions stream, stream + S, ... of the epoch's resampled sequence."""
+def shard_sequence(num_shards: int, seed: int, epoch: int, stream: int, num_streams: int,
+                   source: int = 0) -> Iterator[int]:
+    """Stream `stream`'s shards of mixture source `source`: positions stream, stream + S, ... of the epoch's
+    resampled sequence of that source."""
+    # Source 0 draws from the key a single set always used, so single-set runs keep their order and resume.
+    key = (_STREAM_SHARDS,) if source == 0 else (_STREAM_SHARDS, source)
     position = 0
     for round_ in range(1 << 62):
-        rng = np.random.Generator(np.random.PCG64(derive_seed(seed, epoch, _STREAM_SHARDS, round_)))
+        rng = np.random.Generator(np.random.PCG64(derive_seed(seed, epoch, *key, round_)))
         for shard in rng.permutation(num_shards).tolist():
             if position % num_streams == stream:
                 yield shard
             position += 1
 
 
+class _StreamSource:
+    """One shard set read as streams: where it is, its train shards and where its identities start."""
+
+    def __init__(self, store: ShardStore, shards: list[dict[str, Any]], num_train_ids: int,
+                 pid_offset: int) -> None:
+        self.store, self.shards = store, shards
+        self.num_train_ids, self.pid_offset = num_train_ids, pid_offset
+
+
 class _StreamDataset(IterableDataset):
-    def __init__(self, store: ShardStore, shards: list[dict[str, Any]], *, seed: int,
+    def __init__(self, sources: list[_StreamSource], weights: list[float] | None, *, seed: int,
                  image_size: tuple[int, int], image_aug: bool, mlm: bool, shuffle_buffer: int,
                  step_sizes: list[int], rank: int, world_size: int) -> None:
-        self.store, self.shards = store, shards
+        self.sources, self.weights = sources, weights
         self.seed, self.image_size, self.image_aug, self.mlm = seed, image_size, image_aug, mlm
         self.shuffle_buffer, self.step_sizes = shuffle_buffer, step_sizes
         self.rank, self.world_size = rank, world_size
-        self.epoch, self.start_batch, self.num_streams_per_rank = 1, 0, 1
+        self.epoch, self.start_batch = 1, 0
 
-    def _samples(self, epoch: int, stream: int, num_streams: int) -> Iterator[dict[str, Any]]:
-        """(image bytes, caption, pid, image id) of every caption of the stream's shards, in read order."""
-        for shard in shard_sequence(len(self.shards), self.seed, epoch, stream, num_streams):
-            entry = self.shards[shard]
+    def _samples(self, s: int, epoch: int, stream: int, num_streams: int) -> Iterator[dict[str, Any]]:
+        """(image bytes, caption, pid, image id) of every caption of the stream's shards of source `s`, in
+        read order."""
+        source = self.sources[s]
+        for shard in shard_sequence(len(source.shards), self.seed, epoch, stream, num_streams, s):
+            entry = source.shards[shard]
             name = entry["file"]
             try:
-                with self.store.open(name) as raw:
+                with source.store.open(name) as raw:
                     reader = _HashingReader(raw)
                     files = tar_file_expander([{"url": name, "stream": reader}])
                     for sample in group_by_keys(files):
-                        yield from self._expand(sample, name)
+                        yield from self._expand(sample, name, source)
                     reader.drain()
             except (SourceError, OSError, ValueError) as err:
-                raise ShardError(f"streaming shard {name} of {self.store.location} failed ({err}): check "
+                raise ShardError(f"streaming shard {name} of {source.store.location} failed ({err}): check "
                                  "data.shards and the network, or rebuild and re-upload the set") from None
             if reader.size != entry["bytes"] or reader.sha.hexdigest() != entry["sha256"]:
-                raise ShardError(f"streamed shard {name} of {self.store.location} does not match its "
+                raise ShardError(f"streamed shard {name} of {source.store.location} does not match its "
                                  f"manifest entry ({reader.size} of {entry['bytes']} bytes, or another "
                                  "SHA-256): rebuild and re-upload the set")
 
     @staticmethod
-    def _expand(sample: dict[str, Any], shard: str) -> Iterator[dict[str, Any]]:
+    def _expand(sample: dict[str, Any], shard: str, source: _StreamSource) -> Iterator[dict[str, Any]]:
         images = [k for k in sample if not k.startswith("__") and k != "json"]
         try:
             meta = json.loads(sample["json"])
@@ -126,10 +147,14 @@ class _StreamDataset(IterableDataset):
         except (KeyError, ValueError, TypeError) as err:
             _warn_skip(f"sample {sample.get('__key__')} of {shard} has no readable json ({err})")
             return
+        if not 0 <= pid < source.num_train_ids:  # it would train another identity's (or source's) class
+            raise ShardError(f"sample {sample.get('__key__')} of {shard} of {source.store.location} has pid "
+                             f"{pid}, outside its manifest's num_train_ids={source.num_train_ids}: rebuild "
+                             "the shards")
         image = sample[images[0]] if len(images) == 1 else None
         for caption in captions:
-            yield {"image": image, "caption": caption, "pid": pid, "image_id": int(meta.get("image_id", -1)),
-                   "where": f"{sample.get('__key__')} of {shard}"}
+            yield {"image": image, "caption": caption, "pid": pid + source.pid_offset,
+                   "image_id": int(meta.get("image_id", -1)), "where": f"{sample.get('__key__')} of {shard}"}
 
     def _make(self, item: dict[str, Any], epoch: int, stream: int, position: int) -> dict[str, Any] | None:
         try:
@@ -157,13 +182,26 @@ class _StreamDataset(IterableDataset):
         # start + w, start + w + V, ...: stream (start + w) mod V, whichever step the iteration starts at.
         local = (start + worker) % num_workers
         stream = self.rank * num_workers + local
-        rng = random.Random(derive_seed(self.seed, epoch, stream, _STREAM_SHUFFLE))
-        samples = wds.filters.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, rng=rng)(
-            self._samples(epoch, stream, self.world_size * num_workers))
+        num_streams = self.world_size * num_workers
+        streams: dict[int, Iterator[dict[str, Any]]] = {}
+
+        def next_of(s: int) -> dict[str, Any]:
+            if s not in streams:  # a source this stream never draws from is never opened
+                key = (_STREAM_SHUFFLE,) if s == 0 else (_STREAM_SHUFFLE, s)
+                rng = random.Random(derive_seed(self.seed, epoch, stream, *key))
+                streams[s] = wds.filters.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, rng=rng)(
+                    self._samples(s, epoch, stream, num_streams))
+            return next(streams[s])
+
+        labels = (epoch_source_labels(sum(self.step_sizes), self.weights, self.seed, epoch)
+                  if self.weights is not None else None)
+        step_start = np.concatenate([[0], np.cumsum(self.step_sizes)]).tolist()
         position = 0
         for step in range(local, len(self.step_sizes), num_workers):
             lo, hi = _rank_slice(self.step_sizes[step], self.rank, self.world_size)
-            items = [next(samples) for _ in range(hi - lo)]
+            drawn = (labels[step_start[step] + lo:step_start[step] + hi].tolist() if labels is not None
+                     else [0] * (hi - lo))
+            items = [next_of(s) for s in drawn]
             if step >= start:
                 yield [self._make(item, epoch, stream, position + i) for i, item in enumerate(items)]
             position += hi - lo
@@ -176,7 +214,8 @@ class StreamTrainLoader:
     the sample's position in its stream.
     """
 
-    def __init__(self, shards_dir: str | os.PathLike, *, global_batch_size: int, rank: int = 0,
+    def __init__(self, shards_dir: str | os.PathLike | Sequence[TrainSource], *, global_batch_size: int,
+                 rank: int = 0,
                  world_size: int = 1, seed: int = 1, num_workers: int = 0,
                  image_size: tuple[int, int] = (384, 128), image_aug: bool = True, drop_last: bool = False,
                  mlm: bool = True, mask_global_text: bool = True, shuffle_buffer: int = 2000,
@@ -186,7 +225,8 @@ class StreamTrainLoader:
 
         Args:
             shards_dir: a local folder, ``http(s)://`` URL or ``pipe:`` command (see
-                :mod:`irra_dist.data.sources`).
+                :mod:`irra_dist.data.sources`), or a list of :class:`~irra_dist.data.mixture.TrainSource`: a
+                mixture (module docstring). An epoch has as many samples as the sources together.
             shuffle_buffer: samples in each stream's shuffle buffer.
             cache_dir, cache_max_gb: unused (streams are not cached); accepted so both loaders take the same
                 arguments.
@@ -198,15 +238,34 @@ class StreamTrainLoader:
         _check_rank(rank, world_size)
         if global_batch_size < 1:
             raise ValueError(f"global_batch_size must be >= 1, got {global_batch_size}")
-        store = ShardStore(shards_dir)
-        self.manifest = load_manifest(shards_dir, verify, store=store)
-        image_size = _check_image_size(self.manifest, image_size, shards_dir)
-        train = self.manifest["splits"].get("train", {})
-        self.num_samples = int(train.get("num_captions", 0))
-        if self.num_samples == 0 or not train.get("shards"):
-            raise ShardError(f"{shards_dir} has no training captions: rebuild the shards from a dataset with "
-                             "a captioned train split")
-        self.num_train_ids = int(self.manifest["num_train_ids"])
+        mixture = not isinstance(shards_dir, (str, os.PathLike))
+        sources = list(shards_dir) if mixture else [TrainSource(shards_dir)]
+        if not sources:
+            raise ValueError("a mixture needs at least one source")
+        self.source_manifests: dict[str, dict[str, Any]] = {}
+        streamed: list[_StreamSource] = []
+        self.num_samples = self.num_train_ids = 0
+        for source in sources:
+            store = ShardStore(source.location)
+            manifest = load_manifest(source.location, verify, store=store)
+            image_size = _check_image_size(manifest, image_size, source.location)
+            train = manifest["splits"].get("train", {})
+            num_captions = int(train.get("num_captions", 0))
+            if num_captions == 0 or not train.get("shards"):
+                raise ShardError(f"{source.location} has no training captions: rebuild the shards from a "
+                                 "dataset with a captioned train split")
+            if source.label in self.source_manifests:
+                raise ValueError(f"two sources are named {source.label!r}: give them distinct names")
+            self.source_manifests[source.label] = manifest
+            # Identity namespaces stay apart: a source's pids start after the train ids of those before it.
+            num_ids = int(manifest["num_train_ids"])
+            streamed.append(_StreamSource(store, list(train["shards"]), num_ids, self.num_train_ids))
+            self.num_samples += num_captions
+            self.num_train_ids += num_ids
+        self.manifest = next(iter(self.source_manifests.values()))
+        """The (first) source's manifest."""
+        self.source_names = list(self.source_manifests)
+        self.source_weights = [float(source.weight) for source in sources]
         self.rank, self.world_size, self.seed = rank, world_size, seed
         self.global_batch_size = global_batch_size
         n, size = self.num_samples, global_batch_size
@@ -215,9 +274,10 @@ class StreamTrainLoader:
         self.skipped = 0
         self.start_batch = 0
         default_tokenizer()
-        self._dataset = _StreamDataset(store, list(train["shards"]), seed=seed, image_size=image_size,
-                                       image_aug=image_aug, mlm=mlm, shuffle_buffer=shuffle_buffer,
-                                       step_sizes=self._step_sizes, rank=rank, world_size=world_size)
+        self._dataset = _StreamDataset(streamed, self.source_weights if mixture else None, seed=seed,
+                                       image_size=image_size, image_aug=image_aug, mlm=mlm,
+                                       shuffle_buffer=shuffle_buffer, step_sizes=self._step_sizes, rank=rank,
+                                       world_size=world_size)
         # Workers are started per epoch (not persistent) so that they see the epoch and the start batch.
         self._loader = DataLoader(self._dataset, batch_size=None, num_workers=num_workers,
                                   collate_fn=_TrainCollate(image_size, mlm, mask_global_text),
@@ -233,6 +293,11 @@ class StreamTrainLoader:
         if epoch < 1:
             raise ValueError(f"epochs are 1-based, got {epoch}")
         self._dataset.epoch = epoch
+
+    def source_counts(self, epoch: int | None = None) -> dict[str, int]:
+        """Samples each source gives an epoch (all ranks), by source name: the same for every epoch."""
+        counts = split_by_weight(sum(self._step_sizes), self.source_weights)
+        return dict(zip(self.source_names, counts.tolist()))
 
     def num_batches(self, epoch: int) -> int:
         """Global batches per epoch (the same for every epoch)."""

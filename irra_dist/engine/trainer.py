@@ -178,11 +178,11 @@ def build_train_loader(cfg: Config, accelerator: Accelerator) -> TrainLoader | S
                   image_aug=cfg.data.image_aug, drop_last=cfg.data.drop_last, mlm=cfg.data.mlm,
                   mask_global_text=cfg.data.mask_global_text, pin_memory=accelerator.device.type == "cuda",
                   **_cache_args(cfg))
-    if cfg.data.mode == "stream":
-        return StreamTrainLoader(cfg.data.shards, shuffle_buffer=cfg.data.shuffle_buffer, **common)
     sources = cfg.data.shards
     if cfg.data.sources:
         sources = [TrainSource(s.shards, s.weight, s.name) for s in cfg.data.sources]
+    if cfg.data.mode == "stream":
+        return StreamTrainLoader(sources, shuffle_buffer=cfg.data.shuffle_buffer, **common)
     return TrainLoader(sources, sampler=cfg.data.sampler, num_instances=cfg.data.num_instances,
                        **common)
 

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from irra_dist.config import LOSS_NAMES
 
 Reduction = Literal["mean", "sum"]
+_IGNORE = -100  # cross_entropy's ignore_index for rows without an identity class
 
 
 class LossInputError(ValueError):
@@ -172,19 +173,27 @@ def id_loss(image_logits: torch.Tensor, text_logits: torch.Tensor, pids: torch.T
             reduction: Reduction = "mean") -> torch.Tensor:
     """Identity classification (IRRA_SPEC 2.4): (CE(image logits) + CE(text logits)) / 2.
 
+    Rows whose pid is not one of the C classes (pid >= C) are left out: in a mixture, the identities of
+    sources without identity labels (JSONL without pids) come after every labelled class, and only the
+    labelled sources train the classifier. With every pid a class this is the official loss.
+
     Args:
         image_logits: shared-classifier logits of the image features [B, C].
         text_logits: shared-classifier logits of the text features [B, C].
         pids: 0-based training ids [B].
-        reduction: "mean" over the rows (official) or "sum".
+        reduction: "mean" over the classified rows (official: all rows) or "sum".
 
     Returns:
-        0-dim loss.
+        0-dim loss (0 when no row is classified).
     """
+    if reduction not in ("mean", "sum"):
+        raise LossInputError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
     pids = pids.long()
-    per_row = (F.cross_entropy(_full(image_logits), pids, reduction="none")
-               + F.cross_entropy(_full(text_logits), pids, reduction="none")) / 2
-    return _reduce(per_row, reduction)
+    classified = pids < image_logits.shape[1]
+    target = torch.where(classified, pids, torch.full_like(pids, _IGNORE))
+    total = (F.cross_entropy(_full(image_logits), target, ignore_index=_IGNORE, reduction="sum")
+             + F.cross_entropy(_full(text_logits), target, ignore_index=_IGNORE, reduction="sum")) / 2
+    return total if reduction == "sum" else total / classified.sum().clamp_min(1)
 
 
 def mlm_loss(scores: torch.Tensor, labels: torch.Tensor, reduction: Reduction = "mean") -> torch.Tensor:
@@ -227,9 +236,10 @@ def irra_losses(outputs: Mapping[str, torch.Tensor], batch: Mapping[str, torch.T
         weights: per-name weight, e.g. ``{"mlm": 0.5}``; missing names weigh 1.
         columns: the gathered global batch for sdm/itc/cmpm: ``image_feats`` [G, D], ``text_feats`` [G, D],
             ``pids`` [G] and ``offset`` (this rank's first row in it). None: the local batch.
-        normalizers: None for per-rank means (official); or ``{"batch": x, "mlm": y}``: every loss is
-            its sum over the local rows divided by x (the global batch size), MLM its sum over the local
-            labelled positions divided by y (the global count of labelled positions).
+        normalizers: None for per-rank means (official); or ``{"batch": x, "mlm": y, "id": z}``: every
+            loss is its sum over the local rows divided by x (the global batch size), MLM its sum over the
+            local labelled positions divided by y (the global count of labelled positions), ID its sum over
+            the local classified rows divided by z (their global count; default x, as when every row is).
 
     Returns:
         ``{"<name>_loss": 0-dim tensor}`` in the order of `loss_names`.
@@ -273,6 +283,8 @@ def irra_losses(outputs: Mapping[str, torch.Tensor], batch: Mapping[str, torch.T
         if name == "id":
             value = id_loss(_require(outputs, "image_logits", "outputs", name),
                             _require(outputs, "text_logits", "outputs", name), pids, reduction)
+            result["id_loss"] = finish(name, value, "id" if normalizers and "id" in normalizers else "batch")
+            continue
         else:
             img = _require(outputs, "image_feats", "outputs", name)
             txt = _require(outputs, "text_feats", "outputs", name)
@@ -292,14 +304,17 @@ def irra_accuracies(outputs: Mapping[str, torch.Tensor],
                     batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Logging-only accuracies, detached 0-dim tensors (no host sync).
 
-    ``img_acc`` / ``txt_acc``: argmax of the ID logits equals the pid (when the model has a classifier);
+    ``img_acc`` / ``txt_acc``: argmax of the ID logits equals the pid, over the rows whose pid is a class
+    (when the model has a classifier);
     ``mlm_acc``: argmax of the MLM logits equals the label, over labelled positions (when MLM is on).
     """
     acc: dict[str, torch.Tensor] = {}
     if "image_logits" in outputs and "text_logits" in outputs and "pids" in batch:
         pids = batch["pids"].long()
-        acc["img_acc"] = (outputs["image_logits"].argmax(dim=1) == pids).float().mean()
-        acc["txt_acc"] = (outputs["text_logits"].argmax(dim=1) == pids).float().mean()
+        classified = pids < outputs["image_logits"].shape[1]
+        count = classified.sum().clamp_min(1).float()
+        acc["img_acc"] = ((outputs["image_logits"].argmax(dim=1) == pids) & classified).sum().float() / count
+        acc["txt_acc"] = ((outputs["text_logits"].argmax(dim=1) == pids) & classified).sum().float() / count
     if "mlm_logits" in outputs and "mlm_labels" in outputs:
         scores = outputs["mlm_logits"]
         labels = outputs["mlm_labels"].reshape(-1)

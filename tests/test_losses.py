@@ -176,6 +176,31 @@ def test_id_and_mlm_match_naive():
     assert mlm_loss(scores.reshape(4, 5, 11), labels.reshape(4, 5)).item() == pytest.approx(sum(terms) / 6)
 
 
+def test_id_loss_leaves_out_rows_whose_pid_is_not_a_class():
+    """A mixture's rows from a set without identities have pids past the C classes: only the others count."""
+    g = torch.Generator().manual_seed(4)
+    img_logits = torch.randn(7, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    txt_logits = torch.randn(7, 5, generator=g, dtype=torch.float64)
+    pids = torch.tensor([0, 7, 4, 5, 2, 9, 1])  # 7, 5, 9: not classes of a 5-class classifier
+    keep = torch.tensor([0, 2, 4, 6])
+    expected = naive_id(img_logits[keep], txt_logits[keep], pids[keep])
+    got = id_loss(img_logits, txt_logits, pids)
+    assert got.item() == pytest.approx(sum(expected) / 4, rel=1e-9)
+    assert id_loss(img_logits, txt_logits, pids, "sum").item() == pytest.approx(sum(expected), rel=1e-9)
+    got.backward()
+    assert img_logits.grad[torch.tensor([1, 3, 5])].abs().sum() == 0  # left-out rows get no gradient
+    # No classified row: zero, not NaN (a non-finite loss would skip the step).
+    none = id_loss(img_logits, txt_logits, torch.tensor([5, 6, 7, 8, 9, 10, 11]))
+    assert none.item() == 0.0
+    # Normalised by the global count of classified rows, as the trainer passes it.
+    out = {"image_logits": img_logits, "text_logits": txt_logits}
+    got = irra_losses(out, {"pids": pids}, ("id",), normalizers={"batch": 7, "id": 4})["id_loss"]
+    assert got.item() == pytest.approx(sum(expected) / 4, rel=1e-9)
+    acc = irra_accuracies(out, {"pids": pids})
+    hits = (img_logits[keep].argmax(dim=1) == pids[keep]).double().mean().item()
+    assert acc["img_acc"].item() == pytest.approx(hits)
+
+
 @pytest.mark.parametrize("fn", ["sdm", "cmpm", "itc"])
 def test_sum_over_rows_is_b_times_mean(fn):
     img, txt, pids = _data(seed=4)

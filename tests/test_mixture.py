@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 
@@ -261,3 +263,98 @@ def test_stream_mixture_trains_one_classifier_over_both_sources(two_sources, tin
     shares = next(r for r in read_metrics(run / "metrics.jsonl") if r["kind"] == "sources")["samples"]
     total = TINY_TRAIN_IDS * 5 + len(parsed.train_samples())
     assert sum(shares.values()) == total and shares["small"] == round(total * 2 / 3)
+
+
+# --------------------------------------------------------------------------------------------------
+# A source without identities in a mixture
+
+
+def test_identity_offsets_put_labelled_sources_first() -> None:
+    from irra_dist.data.mixture import identity_offsets
+
+    # Sources of 5 (no labels), 3 and 4 identities: the labelled ones take 0..2 and 3..6, the other 7..11.
+    assert identity_offsets([5, 3, 4], [False, True, True]) == ([7, 0, 3], 7)
+    assert identity_offsets([5, 3], [True, True]) == ([0, 5], 8)  # all labelled: source order, as before
+    assert identity_offsets([6], [False]) == ([0], 0)
+
+
+@pytest.fixture(scope="module")
+def unlabelled_source(tmp_path_factory: pytest.TempPathFactory):
+    """A shard set built from JSON lines without pids (every image its own identity): 6 images x 2
+    captions, and each caption text."""
+    import json
+
+    from PIL import Image
+
+    from irra_dist.engine.build_shards_cli import main as build_main
+
+    root = tmp_path_factory.mktemp("unlabelled")
+    lines = []
+    for i in range(6):
+        Image.new("RGB", (32, 64), (30 * i, 200 - 30 * i, 60)).save(root / f"img{i}.jpg")
+        lines.append({"image": f"img{i}.jpg",
+                      "captions": [f"unlabelled photo {i}", f"unlabelled picture {i}"]})
+    (root / "corpus.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    out = root / "shards"
+    assert build_main(["--dataset", "jsonl", "--ann", str(root / "corpus.jsonl"), "--images", str(root),
+                       "--out", str(out), "--workers", "1", "--no-progress"]) == 0
+    return out, [c for line in lines for c in line["captions"]]
+
+
+@pytest.mark.parametrize("mode", ["indexed", "stream"])
+def test_labelled_identities_are_the_classes_whatever_the_source_order(two_sources, unlabelled_source,
+                                                                       mode: str) -> None:
+    import torch
+
+    from irra_dist.data.mixture import TrainSource
+    from irra_dist.data.pipeline import TrainLoader
+    from irra_dist.data.streaming import StreamTrainLoader
+    from irra_dist.tokenizer import tokenize
+
+    (labelled, parsed), _ = two_sources
+    corpus, corpus_captions = unlabelled_source
+    sources = [TrainSource(corpus, 1.0, "corpus"), TrainSource(labelled, 1.0, "people")]
+    common = dict(global_batch_size=4, image_size=(64, 32), mlm=False, image_aug=False)
+    loader = (TrainLoader(sources, **common) if mode == "indexed"
+              else StreamTrainLoader(sources, shuffle_buffer=4, **common))
+    assert loader.num_id_classes == parsed.num_train_ids
+    assert loader.num_train_ids == parsed.num_train_ids + 6
+    # Independent reference: the labelled set's captions keep their own pids (the classes 0..n-1); the
+    # corpus's captions get identities after them.
+    people = {tuple(tokenize(text).tolist()): pid for pid, _, _, text in parsed.train_samples()}
+    corpus_ids = {tuple(tokenize(text).tolist()) for text in corpus_captions}
+    loader.set_epoch(1)
+    seen = {"people": 0, "corpus": 0}
+    for batch in loader:
+        for ids, pid in zip(batch["caption_ids"].tolist(), batch["pids"].tolist()):
+            key = tuple(ids)
+            if key in people:
+                assert pid == people[key]
+                seen["people"] += 1
+            else:
+                assert key in corpus_ids and parsed.num_train_ids <= pid < parsed.num_train_ids + 6
+                seen["corpus"] += 1
+    assert seen["people"] > 0 and seen["corpus"] > 0
+    assert isinstance(batch["pids"], torch.Tensor)
+
+
+def test_mixture_with_an_unlabelled_source_keeps_the_id_loss_for_the_labelled_one(
+        unlabelled_source, tiny_shards, tiny_recipe, fresh_accelerate) -> None:
+    from conftest import TINY_TRAIN_IDS
+    from safetensors.torch import load_file
+
+    from irra_dist.config import load_config
+    from irra_dist.engine.runlog import read_metrics
+    from irra_dist.engine.trainer import train
+
+    corpus, _ = unlabelled_source
+    overrides = [f"data.sources=[{{shards: {corpus}, weight: 1, name: corpus}}, "
+                 f"{{shards: {tiny_shards}, weight: 1, name: tiny}}]", "eval.source=tiny",
+                 "train.max_steps=3", "train.run_name=mix_unlabelled"]
+    run = train(load_config(tiny_recipe, overrides))
+    assert load_file(run / "model.safetensors")["classifier.weight"].shape[0] == TINY_TRAIN_IDS
+    log = (run / "train_log.txt").read_text()
+    assert f"the ID loss classifies the {TINY_TRAIN_IDS} identities of tiny and leaves its rows out" in log
+    rows = [r for r in read_metrics(run / "metrics.jsonl") if r["kind"] == "train"]
+    assert rows and all(math.isfinite(r["id_loss"]) and r["id_loss"] > 0 for r in rows)
+    assert "id" in load_config(run / "config.yaml").loss.names

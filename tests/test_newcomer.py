@@ -231,7 +231,8 @@ def test_ctrl_c_stops_cleanly_and_prints_the_resume_command(tiny_recipe: Path) -
 
     run = tiny_recipe.parent / "runs" / "stopped"
     args = [sys.executable, str(REPO / "launch/train.py"), "--config", str(tiny_recipe),
-            "train.run_name=stopped", "train.num_epochs=100", "train.checkpoint_every_steps=1",
+            # Epochs enough that the run cannot end by itself before the Ctrl-C, however loaded the machine.
+            "train.run_name=stopped", "train.num_epochs=100000", "train.checkpoint_every_steps=1",
             "eval.eval_period=0"]
     proc = subprocess.Popen(args, cwd=tiny_recipe.parent, env=subprocess_env(), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
@@ -246,13 +247,13 @@ def test_ctrl_c_stops_cleanly_and_prints_the_resume_command(tiny_recipe: Path) -
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.communicate()
-    assert proc.returncode == 130, err[-3000:]
+    assert proc.returncode == 130, f"exit {proc.returncode}\nstderr: {err[-2000:]}\nstdout: {out[-2000:]}"
     assert "Traceback" not in err and "Traceback" not in out, err[-3000:]
     command = f"{sys.executable} {REPO / 'launch/train.py'} --resume {run}"
     assert f"continue with: {command}" in err
     verify_checkpoint((run / "checkpoints" / "last").resolve())  # the last checkpoint is complete
     config = yaml.safe_load((run / "config.yaml").read_text())
-    assert config["train"]["num_epochs"] == 100  # --resume alone continues with the run's own settings
+    assert config["train"]["num_epochs"] == 100000  # --resume alone continues with the run's own settings
 
 
 # --------------------------------------------------------------------------------------------------

@@ -1,8 +1,10 @@
 """Mixtures of training sources: how many samples each source gives an epoch, and which ones.
 
 Sources are concatenated into one sample space (source s owns global samples ``[offset_s, offset_s + n_s)``)
-and one identity space (source s's pids are shifted by the train ids of the sources before it, so
-identities of different sources never merge). An epoch has as many samples as all sources together; source
+and one identity space (:func:`identity_offsets`: each source's pids are shifted past the other sources'
+identities, so identities of different sources never merge; the sources with identity labels come first, so
+the ID classifier's classes are exactly their identities and the per-image identities of sources without
+labels, after them, are left out of the ID loss). An epoch has as many samples as all sources together; source
 s gets the share ``w_s / sum(w)`` of them (largest-remainder rounding, so the shares add up exactly). A
 source asked for more samples than it holds is drawn with replacement, as whole shuffled passes over it plus
 a shuffled part of one more pass, so every sample repeats as evenly as possible; one asked for fewer gives a
@@ -39,6 +41,31 @@ class TrainSource:
     @property
     def label(self) -> str:
         return self.name or str(self.location).rstrip("/").rsplit("/", 1)[-1] or str(self.location)
+
+
+def has_identities(manifest: dict) -> bool:
+    """Whether a shard set's pids name people (False: built without pids, every image its own identity)."""
+    return manifest.get("identities", "given") != "per_image"
+
+
+def identity_offsets(num_ids: list[int], labelled: list[bool]) -> tuple[list[int], int]:
+    """Where each source's identities start in the mixture's identity space, and how many of those are
+    ID-classifier classes: the labelled sources' identities, in source order, then the others'.
+
+    Args:
+        num_ids: train identities of each source (its manifest's ``num_train_ids``).
+        labelled: whether each source has identity labels (:func:`has_identities`).
+
+    Returns:
+        ``(offsets, num_classes)``: source s's pid p becomes ``p + offsets[s]``; pids below `num_classes`
+        are classes.
+    """
+    order = sorted(range(len(num_ids)), key=lambda s: not labelled[s])  # stable: source order kept
+    offsets = [0] * len(num_ids)
+    start = 0
+    for s in order:
+        offsets[s], start = start, start + num_ids[s]
+    return offsets, sum(n for n, has in zip(num_ids, labelled) if has)
 
 
 def source_quotas(sizes: list[int], weights: list[float]) -> np.ndarray:

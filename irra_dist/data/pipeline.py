@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from irra_dist.data.mixture import TrainSource, draw_epoch
+from irra_dist.data.mixture import TrainSource, draw_epoch, has_identities, identity_offsets
 from irra_dist.data.shards import (
     _REBUILD_HINT,
     MANIFEST_NAME,
@@ -332,7 +332,9 @@ class TrainLoader:
     Attributes:
         start_batch: skip the first k global batches of the next iteration without loading them (resume);
             consumed by ``__iter__`` and reset to 0.
-        num_train_ids: number of training identities (the ID classifier's size), from the manifest.
+        num_train_ids: training identities (all sources of a mixture), from the manifests.
+        num_id_classes: the ID classifier's size: the identities of the sources with identity labels (all
+            of them for one labelled set; 0 for a set built without pids).
         num_samples: training samples (captions) in the split.
         skipped: corrupt samples this rank has skipped so far (all its workers, all epochs).
         manifest: the shard set's manifest.
@@ -412,9 +414,10 @@ class TrainLoader:
         self.rank, self.world_size, self.seed = rank, world_size, seed
         self.global_batch_size, self.sampler, self.num_instances = global_batch_size, sampler, num_instances
         self.drop_last = drop_last
-        # Identity namespaces stay apart: source s's pids start after the train ids of the sources before it.
+        # Identity namespaces stay apart; labelled sources first, so their identities are the ID classes.
         ids = [int(m["num_train_ids"]) for m in self.source_manifests.values()]
-        pid_offset = np.concatenate([[0], np.cumsum(ids)[:-1]]).astype(np.int64).tolist()
+        pid_offset, self.num_id_classes = identity_offsets(
+            ids, [has_identities(m) for m in self.source_manifests.values()])
         self.num_train_ids = sum(ids)
         self.skipped = 0
         # Sample s is caption sample_caption[s] of record sample_record[s] of source sample_source[s], in

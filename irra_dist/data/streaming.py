@@ -18,8 +18,8 @@ What a rank reads in an epoch:
 - Mixtures (a list of :class:`irra_dist.data.mixture.TrainSource`): every position of the epoch's global
   sample sequence is labelled with a source by weight (:func:`irra_dist.data.mixture.epoch_source_labels`,
   exact shares, independent of ranks and workers); a stream runs one shard sequence and one shuffle buffer
-  per source (opened when first drawn from) and takes the next sample of the labelled source. Source s's
-  pids are shifted by the train ids of the sources before it, as in the indexed mode.
+  per source (opened when first drawn from) and takes the next sample of the labelled source. Pids are
+  shifted per source as in the indexed mode (:func:`irra_dist.data.mixture.identity_offsets`).
 
 What it gives up against the indexed mode (:class:`irra_dist.data.pipeline.TrainLoader`): batches depend on
 the number of ranks and workers (1 x 2B is not 2 x B, and resume needs the same counts), an epoch is not
@@ -43,7 +43,13 @@ import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
-from irra_dist.data.mixture import TrainSource, epoch_source_labels, split_by_weight
+from irra_dist.data.mixture import (
+    TrainSource,
+    epoch_source_labels,
+    has_identities,
+    identity_offsets,
+    split_by_weight,
+)
 from irra_dist.data.pipeline import (
     _READ_ERRORS,
     _STREAM_IMAGE,
@@ -243,8 +249,8 @@ class StreamTrainLoader:
         if not sources:
             raise ValueError("a mixture needs at least one source")
         self.source_manifests: dict[str, dict[str, Any]] = {}
-        streamed: list[_StreamSource] = []
-        self.num_samples = self.num_train_ids = 0
+        stores, shard_lists = [], []
+        self.num_samples = 0
         for source in sources:
             store = ShardStore(source.location)
             manifest = load_manifest(source.location, verify, store=store)
@@ -257,11 +263,15 @@ class StreamTrainLoader:
             if source.label in self.source_manifests:
                 raise ValueError(f"two sources are named {source.label!r}: give them distinct names")
             self.source_manifests[source.label] = manifest
-            # Identity namespaces stay apart: a source's pids start after the train ids of those before it.
-            num_ids = int(manifest["num_train_ids"])
-            streamed.append(_StreamSource(store, list(train["shards"]), num_ids, self.num_train_ids))
+            stores.append(store)
+            shard_lists.append(list(train["shards"]))
             self.num_samples += num_captions
-            self.num_train_ids += num_ids
+        # Identity namespaces stay apart; labelled sources first, so their identities are the ID classes.
+        ids = [int(m["num_train_ids"]) for m in self.source_manifests.values()]
+        offsets, self.num_id_classes = identity_offsets(
+            ids, [has_identities(m) for m in self.source_manifests.values()])
+        self.num_train_ids = sum(ids)
+        streamed = [_StreamSource(*parts) for parts in zip(stores, shard_lists, ids, offsets)]
         self.manifest = next(iter(self.source_manifests.values()))
         """The (first) source's manifest."""
         self.source_names = list(self.source_manifests)

@@ -137,7 +137,7 @@ class GradientCache:
         self.is_deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
 
     def forward(self, batch: dict[str, Any], sizes: Sequence[int], normalizers: Mapping[str, float] | None,
-                masked: int) -> CachedStep:
+                masked: int, classified: int | None = None) -> CachedStep:
         """Pass 1: embed every chunk without a graph and take all losses on the cached features.
 
         Args:
@@ -146,10 +146,13 @@ class GradientCache:
             normalizers: the plain step's global normalisers, or None for per-rank means
                 (``loss.global_batch: false``).
             masked: this rank's masked-token count.
+            classified: this rank's rows that the ID loss takes (default: all).
         """
         rows = int(batch["pids"].shape[0])
+        classified = rows if classified is None else classified
         norm = dict(normalizers) if normalizers is not None else {"batch": float(max(rows, 1)),
-                                                                  "mlm": float(max(masked, 1))}
+                                                                  "mlm": float(max(masked, 1)),
+                                                                  "id": float(max(classified, 1))}
         chunks = split_batch(batch, self.chunk_size)
         rng: list[RngState] = []
         image_feats, text_feats = [], []

@@ -31,7 +31,7 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from irra_dist.config import Config, ConfigError, dump_config, save_config
-from irra_dist.data.mixture import TrainSource
+from irra_dist.data.mixture import TrainSource, has_identities
 from irra_dist.data.pipeline import TrainLoader, build_eval_loaders
 from irra_dist.data.shards import MANIFEST_NAME, ShardError
 from irra_dist.data.sources import is_remote
@@ -235,21 +235,27 @@ def eval_manifest(cfg: Config, loader: TrainLoader | StreamTrainLoader) -> dict[
     return loader.source_manifests[name]
 
 
-def id_loss_dropped(cfg: Config, loader: TrainLoader | StreamTrainLoader) -> str | None:
-    """Why the ID loss is turned off for this data (None: it stays as the recipe says).
+def id_loss_scope(cfg: Config, loader: TrainLoader | StreamTrainLoader) -> tuple[bool, str | None]:
+    """Whether the ID loss stays on for this data, and the line to log about it (None: nothing to say).
 
     A set built without identities (``identities: per_image``, e.g. a JSONL file without pids) makes every
-    image its own class: a classifier over one-image classes only memorises them.
+    image its own class: a classifier over one-image classes only memorises them. So such a set trains no
+    class: alone, it turns the ID loss off; in a mixture, the classifier covers the labelled sources'
+    identities and the ID loss leaves the other sources' rows out (SDM, MLM still use every row).
     """
     if "id" not in cfg.loss.names:
-        return None
-    manifests = getattr(loader, "source_manifests", None) or {"": loader.manifest}
-    per_image = [name or str(cfg.data.shards) for name, m in manifests.items()
-                 if m.get("identities") == "per_image"]
+        return False, None
+    per_image = [name if cfg.data.sources else str(cfg.data.shards)
+                 for name, m in loader.source_manifests.items() if not has_identities(m)]
     if not per_image:
-        return None
-    return (f"{', '.join(per_image)} has no identities (every image is its own; built without pids), so the "
-            "ID loss is turned off: an ID classifier over one-image classes only memorises them")
+        return True, None
+    if loader.num_id_classes == 0:
+        return False, (f"{', '.join(per_image)} has no identities (every image is its own; built without "
+                       "pids), so the ID loss is turned off: an ID classifier over one-image classes only "
+                       "memorises them")
+    labelled = [name for name, m in loader.source_manifests.items() if has_identities(m)]
+    return True, (f"{', '.join(per_image)} has no identities (built without pids): the ID loss classifies "
+                  f"the {loader.num_id_classes} identities of {', '.join(labelled)} and leaves its rows out")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -358,7 +364,7 @@ class Trainer:
         """A micro-batch of the current accumulation group had a non-finite loss: the group trains nothing."""
         self.is_deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
 
-        num_classes = loader.num_train_ids if "id" in self.names else 0
+        self.num_classes = num_classes = loader.num_id_classes if "id" in self.names else 0
         # Same seed on every rank before building: identical initial weights everywhere.
         set_seed(cfg.train.seed)
         model = build_model_for_training(cfg, num_classes)
@@ -434,16 +440,19 @@ class Trainer:
             return
         rows = int(batch["pids"].shape[0])
         masked = int((batch["mlm_labels"] != 0).sum()) if "mlm_labels" in batch else 0
-        counts = self.exchange.gather([rows, masked])
+        classified = int((batch["pids"] < self.num_classes).sum())  # rows the ID loss takes (host tensor)
+        counts = self.exchange.gather([rows, masked, classified])
         sizes = [c[0] for c in counts]
         global_rows, global_masked = sum(sizes), sum(c[1] for c in counts)
+        global_classified = sum(c[2] for c in counts)
         batch = _to_device(batch, self.device)
         columns, normalizers = None, None
         if self.cfg.loss.global_batch:
             normalizers = {"batch": max(global_rows, 1) / self.world,
-                           "mlm": max(global_masked, 1) / self.world}
+                           "mlm": max(global_masked, 1) / self.world,
+                           "id": max(global_classified, 1) / self.world}
         if self.grad_cache is not None:  # train.chunk_size: pass 1 of the gradient-cached step
-            cached = self.grad_cache.forward(batch, sizes, normalizers, masked)
+            cached = self.grad_cache.forward(batch, sizes, normalizers, masked, classified)
             losses, total = cached.losses, cached.total
         else:
             outputs = self.model(batch)
@@ -841,8 +850,10 @@ def train(cfg: Config, *, resume: str | os.PathLike | None = None) -> Path:
             ensure_shards(accelerator, cfg)
             # Built before the run folder, so that bad data leaves no empty run behind.
             loader = build_train_loader(cfg, accelerator)
-            if (why := id_loss_dropped(cfg, loader)) is not None:
+            keep_id, why = id_loss_scope(cfg, loader)
+            if why is not None:
                 logger.info("%s", why)
+            if "id" in cfg.loss.names and not keep_id:
                 cfg = dataclasses.replace(cfg, loss=dataclasses.replace(
                     cfg.loss, names=[n for n in cfg.loss.names if n != "id"]))
             if cfg.eval.eval_period > 0:

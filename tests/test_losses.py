@@ -199,6 +199,12 @@ def test_id_loss_leaves_out_rows_whose_pid_is_not_a_class():
     acc = irra_accuracies(out, {"pids": pids})
     hits = (img_logits[keep].argmax(dim=1) == pids[keep]).double().mean().item()
     assert acc["img_acc"].item() == pytest.approx(hits)
+    # Two ranks holding rows 0-3 and 4-6 (2 and 2 classified rows): each divides its sum by the global count
+    # over the world size, as the trainer does, and DDP averages the two: the one-process loss.
+    norm = {"batch": 7 / 2, "id": 4 / 2}
+    halves = [irra_losses({k: v[rows] for k, v in out.items()}, {"pids": pids[rows]}, ("id",),
+                          normalizers=norm)["id_loss"] for rows in (slice(0, 4), slice(4, 7))]
+    assert ((halves[0] + halves[1]) / 2).item() == pytest.approx(sum(expected) / 4, rel=1e-9)
 
 
 @pytest.mark.parametrize("fn", ["sdm", "cmpm", "itc"])

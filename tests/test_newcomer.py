@@ -234,8 +234,11 @@ def test_ctrl_c_stops_cleanly_and_prints_the_resume_command(tiny_recipe: Path) -
             # Epochs enough that the run cannot end by itself before the Ctrl-C, however loaded the machine.
             "train.run_name=stopped", "train.num_epochs=100000", "train.checkpoint_every_steps=1",
             "eval.eval_period=0"]
+    # A terminal's foreground job takes Ctrl-C even when this test runs where SIGINT is ignored (a shell's
+    # background job inherits SIG_IGN, and Python then installs no KeyboardInterrupt handler).
     proc = subprocess.Popen(args, cwd=tiny_recipe.parent, env=subprocess_env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+                            stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         deadline = time.monotonic() + 600
         while not (run / "checkpoints" / "last").exists() and time.monotonic() < deadline:
